@@ -1,0 +1,318 @@
+"""SQLite persistence: schema, migrations and the queries the server runs.
+
+One aiosqlite connection writes (so writes never contend), a second one reads; WAL mode lets
+reads run beside the writer. `status` is written only by `guarded_transition`, which
+training_server_state.py calls with the allowed predecessors.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+# Ordered migrations; PRAGMA user_version holds how many have run.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE tasks (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL,
+        message TEXT,
+        error_message TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        original_filename TEXT,
+        video_filename TEXT NOT NULL,
+        video_size INTEGER NOT NULL,
+        params TEXT NOT NULL,
+        progress TEXT,
+        metadata TEXT,
+        queued_for TEXT,
+        queue_key INTEGER,
+        stage TEXT,
+        end_reason TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        pid INTEGER,
+        pid_start_time INTEGER,
+        expired_at TEXT
+    );
+    CREATE INDEX tasks_by_status ON tasks (status);
+    CREATE INDEX tasks_queue ON tasks (queued_for, queue_key) WHERE queued_for IS NOT NULL;
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+JSON_COLUMNS = frozenset({"params", "progress", "metadata"})
+# Columns any code may write through update_fields; status is not among them.
+WRITABLE_COLUMNS = frozenset(
+    {
+        "message",
+        "error_message",
+        "updated_at",
+        "started_at",
+        "finished_at",
+        "params",
+        "progress",
+        "metadata",
+        "queued_for",
+        "queue_key",
+        "stage",
+        "end_reason",
+        "attempts",
+        "pid",
+        "pid_start_time",
+        "expired_at",
+    }
+)
+
+
+class TaskNotFoundError(LookupError):
+    """No task with that id."""
+
+
+class _NextQueueKey:
+    """Marker: set queue_key to one more than the largest in use, inside the same UPDATE."""
+
+    def __repr__(self) -> str:
+        return "NEXT_QUEUE_KEY"
+
+
+NEXT_QUEUE_KEY = _NextQueueKey()
+_NEXT_QUEUE_KEY_SQL = "(SELECT COALESCE(MAX(queue_key), 0) + 1 FROM tasks)"
+
+
+def _encode(column: str, value: Any) -> Any:
+    if column in JSON_COLUMNS and value is not None:
+        return json.dumps(value, separators=(",", ":"))
+    return value
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    for column in JSON_COLUMNS:
+        if out.get(column) is not None:
+            out[column] = json.loads(out[column])
+    return out
+
+
+def _assignments(fields: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    unknown = set(fields) - WRITABLE_COLUMNS
+    if unknown:
+        raise ValueError(f"not writable here: {sorted(unknown)}")
+    parts: list[str] = []
+    values: list[Any] = []
+    for column, value in fields.items():
+        if value is NEXT_QUEUE_KEY:
+            parts.append(f"{column} = {_NEXT_QUEUE_KEY_SQL}")
+        else:
+            parts.append(f"{column} = ?")
+            values.append(_encode(column, value))
+    return ", ".join(parts), values
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, timeout=30)
+    conn.row_factory = sqlite3.Row
+    await conn.execute("PRAGMA busy_timeout = 30000")
+    await conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+async def migrate(conn: aiosqlite.Connection) -> int:
+    """Run the migrations this file has and the database lacks; return the new version."""
+    async with conn.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema version {version} is newer than this server ({SCHEMA_VERSION})"
+        )
+    for index in range(version, SCHEMA_VERSION):
+        # executescript commits first; the version bump rides in the same script.
+        await conn.executescript(
+            f"BEGIN;\n{MIGRATIONS[index]}\nPRAGMA user_version = {index + 1};\nCOMMIT;"
+        )
+    return SCHEMA_VERSION
+
+
+class Database:
+    """The task store: one writer connection and one reader connection to one SQLite file."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._writer = writer
+        self._reader = reader
+
+    @classmethod
+    async def open(cls, path: Path) -> Database:
+        """Open (creating and migrating when needed) the database at `path`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await _connect(path)
+        try:
+            await writer.execute("PRAGMA journal_mode = WAL")
+            await writer.execute("PRAGMA synchronous = NORMAL")
+            await migrate(writer)
+            reader = await _connect(path)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, reader)
+
+    async def close(self) -> None:
+        """Close both connections."""
+        await self._reader.close()
+        await self._writer.close()
+
+    async def _write(self, sql: str, params: Sequence[Any]) -> int:
+        cursor = await self._writer.execute(sql, params)
+        await self._writer.commit()
+        return cursor.rowcount
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def insert_task(self, row: Mapping[str, Any]) -> None:
+        """Insert a new task row (status included: a task is born in its first status)."""
+        columns = list(row)
+        slots = [_NEXT_QUEUE_KEY_SQL if row[c] is NEXT_QUEUE_KEY else "?" for c in columns]
+        values = [_encode(c, row[c]) for c in columns if row[c] is not NEXT_QUEUE_KEY]
+        sql = f"INSERT INTO tasks ({', '.join(columns)}) VALUES ({', '.join(slots)})"
+        await self._write(sql, values)
+
+    async def guarded_transition(
+        self,
+        task_id: str,
+        allowed_from: Iterable[str],
+        to_status: str,
+        fields: Mapping[str, Any],
+        *,
+        require_queued: bool | None = None,
+    ) -> bool:
+        """Set `status = to_status` (and `fields`) only if the current status is allowed
+        (and, with `require_queued`, only if the task is / is not waiting in a queue).
+
+        Returns whether exactly one row changed.
+        """
+        allowed = list(allowed_from)
+        if not allowed:
+            return False
+        assignments, values = _assignments(fields)
+        sql = (
+            f"UPDATE tasks SET status = ?{', ' + assignments if assignments else ''} "
+            f"WHERE id = ? AND status IN ({', '.join('?' for _ in allowed)})"
+        )
+        if require_queued is not None:
+            sql += f" AND queued_for IS {'NOT ' if require_queued else ''}NULL"
+        changed = await self._write(sql, [to_status, *values, task_id, *allowed])
+        return changed == 1
+
+    async def update_fields(
+        self, task_id: str, fields: Mapping[str, Any], *, only_if_status: Iterable[str] = ()
+    ) -> bool:
+        """Write non-status columns (with `only_if_status`: only while in one of those)."""
+        assignments, values = _assignments(fields)
+        if not assignments:
+            return True
+        sql = f"UPDATE tasks SET {assignments} WHERE id = ?"
+        params = [*values, task_id]
+        statuses = list(only_if_status)
+        if statuses:
+            sql += f" AND status IN ({', '.join('?' for _ in statuses)})"
+            params += statuses
+        return await self._write(sql, params) == 1
+
+    async def delete_task(self, task_id: str) -> bool:
+        """Remove a task's row; returns whether it existed."""
+        return await self._write("DELETE FROM tasks WHERE id = ?", [task_id]) == 1
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        """The task's row as a dict (JSON columns decoded); TaskNotFoundError if absent."""
+        async with self._reader.execute("SELECT * FROM tasks WHERE id = ?", [task_id]) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise TaskNotFoundError(task_id)
+        return _decode(row)
+
+    async def list_tasks(
+        self, statuses: Sequence[str], limit: int, offset: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        """One page of tasks, newest first, and how many match in all."""
+        where = ""
+        params: list[Any] = []
+        if statuses:
+            where = f"WHERE status IN ({', '.join('?' for _ in statuses)})"
+            params = list(statuses)
+        async with self._reader.execute(f"SELECT COUNT(*) FROM tasks {where}", params) as cur:
+            total_row = await cur.fetchone()
+        async with self._reader.execute(
+            f"SELECT * FROM tasks {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_decode(r) for r in rows], int(total_row[0]) if total_row else 0
+
+    async def queued(self, stage: str, limit: int = -1) -> list[str]:
+        """Ids waiting for `stage`, in queue order."""
+        async with self._reader.execute(
+            "SELECT id FROM tasks WHERE queued_for = ? ORDER BY queue_key, seq LIMIT ?",
+            [stage, limit],
+        ) as cur:
+            return [r[0] for r in await cur.fetchall()]
+
+    async def queue_counts(self) -> dict[str, int]:
+        """How many tasks wait for each stage."""
+        async with self._reader.execute(
+            "SELECT queued_for, COUNT(*) FROM tasks WHERE queued_for IS NOT NULL "
+            "GROUP BY queued_for"
+        ) as cur:
+            return {r[0]: int(r[1]) for r in await cur.fetchall()}
+
+    async def queue_position(self, task_id: str) -> int | None:
+        """1-based place of the task in its stage's queue, or None when not queued."""
+        async with self._reader.execute(
+            "SELECT COUNT(*) FROM tasks AS other, tasks AS me WHERE me.id = ? "
+            "AND me.queued_for IS NOT NULL AND other.queued_for = me.queued_for "
+            "AND (other.queue_key < me.queue_key "
+            "OR (other.queue_key = me.queue_key AND other.seq <= me.seq))",
+            [task_id],
+        ) as cur:
+            row = await cur.fetchone()
+        count = int(row[0]) if row else 0
+        return count or None
+
+    async def tasks_in(self, statuses: Sequence[str]) -> list[dict[str, Any]]:
+        """Every task in one of `statuses`, oldest first."""
+        async with self._reader.execute(
+            f"SELECT * FROM tasks WHERE status IN ({', '.join('?' for _ in statuses)}) "
+            "ORDER BY seq",
+            list(statuses),
+        ) as cur:
+            return [_decode(r) for r in await cur.fetchall()]
+
+    async def all_ids(self) -> set[str]:
+        """Every task id in the store."""
+        async with self._reader.execute("SELECT id FROM tasks") as cur:
+            return {r[0] for r in await cur.fetchall()}
+
+    async def expirable(self, finished_before: str, statuses: Sequence[str]) -> list[str]:
+        """Ended, unexpired, unqueued tasks whose end is older than `finished_before`."""
+        async with self._reader.execute(
+            "SELECT id FROM tasks WHERE expired_at IS NULL AND queued_for IS NULL "
+            "AND finished_at IS NOT NULL AND finished_at < ? "
+            f"AND status IN ({', '.join('?' for _ in statuses)}) ORDER BY seq",
+            [finished_before, *statuses],
+        ) as cur:
+            return [r[0] for r in await cur.fetchall()]
+
+    async def integrity_check(self) -> str:
+        """SQLite's own verdict on the file ('ok' when sound)."""
+        async with self._reader.execute("PRAGMA integrity_check") as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else "no answer"

@@ -1,0 +1,309 @@
+"""Pydantic models, settings and enums shared by the server's modules (no logic here)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+HERE = Path(__file__).resolve().parent
+GIB = 1024**3
+MIB = 1024**2
+
+# Bounds shared by the upload form, the train endpoint and the page.
+FRAMES_MIN, FRAMES_MAX = 3, 2000
+ITERATIONS_MIN, ITERATIONS_MAX = 100, 200_000
+DOWN_SAMPLE_FACTORS = (1, 2, 4, 8)
+TRAINING_PRESETS: dict[str, int] = {"fast": 7_000, "full": 30_000}
+
+
+class TaskStatus(StrEnum):
+    """Where a task is in its life; the wire values are the seed's, plus `cancelled`."""
+
+    PENDING = "pending"  # accepted, waiting for a preprocessing slot
+    PREPROCESSING = "preprocessing"  # run_pipeline.py is running
+    PREPROCESSING_COMPLETED = "preprocessing_completed"  # dataset ready; resting or queued for GPU
+    TRAINING = "training"  # the trainer is running
+    TRAINING_COMPLETED = "training_completed"  # results ready
+    FAILED = "failed"  # a stage failed or timed out; error_message says why
+    CANCELLED = "cancelled"  # a user cancelled it
+
+
+class Stage(StrEnum):
+    """A pipeline stage, each run as one subprocess."""
+
+    PREPROCESSING = "preprocessing"  # video -> frames -> SfM -> undistorted COLMAP dataset
+    TRAINING = "training"  # gaussian-splatting-lightning main.py fit
+
+
+class EndReason(StrEnum):
+    """Why the last stage run of a task ended."""
+
+    SUCCEEDED = "succeeded"  # exit code 0 and outputs present
+    FAILED = "failed"  # non-zero exit code or missing outputs
+    TIMED_OUT = "timed_out"  # ran past its stage timeout and was killed
+    CANCELLED = "cancelled"  # a user asked for it to stop
+    INTERRUPTED = "interrupted"  # the server stopped or died while it ran; it runs again
+
+
+class ServerConfig(BaseSettings):
+    """Server settings, read from TRAINING_SERVER_* environment variables and an optional .env."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRAINING_SERVER_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    temp_dir: Path = Path("temp_workspace")
+    logs_dir: Path = Path("logs")
+    db_path: Path = Path("training_server.db")
+    preprocess_timeout: float = Field(1800, gt=0, description="seconds")
+    training_timeout: float = Field(18000, gt=0, description="seconds")
+    cleanup_ttl: float = Field(43200, gt=0, description="seconds after a task ends")
+    cleanup_interval: float = Field(3600, gt=0, description="seconds between cleanup sweeps")
+
+    api_token: SecretStr | None = None
+    cors_origins: list[str] = Field(default_factory=list)
+
+    max_upload_bytes: int = Field(4 * GIB, gt=0)
+    min_free_bytes: int = Field(1 * GIB, ge=0, description="free disk kept after an upload")
+    preprocess_slots: int = Field(1, ge=1, le=64)
+    training_slots: int = Field(1, ge=1, le=16)
+    kill_grace: float = Field(10, ge=0, description="seconds between SIGTERM and SIGKILL")
+    log_max_bytes: int = Field(20 * MIB, ge=64 * 1024, description="per task log")
+    probe_timeout: float = Field(60, gt=0)
+
+    preprocess_command: list[str] = Field(
+        default_factory=lambda: [sys.executable, str(HERE / "run_pipeline.py")]
+    )
+    preprocess_extra_args: list[str] = Field(default_factory=list)
+    default_max_frames: int = Field(100, ge=FRAMES_MIN, le=FRAMES_MAX)
+    default_min_frames: int = Field(20, ge=FRAMES_MIN, le=FRAMES_MAX)
+
+    trainer_path: Path | None = None
+    trainer_python: str = sys.executable
+    trainer_config: Path | None = None
+    trainer_iterations: int = Field(30_000, ge=ITERATIONS_MIN, le=ITERATIONS_MAX)
+    trainer_extra_args: list[str] = Field(default_factory=list)
+    trainer_require_cuda: bool = True
+    trainer_check_timeout: float = Field(120, gt=0)
+
+
+class TrainingOptions(BaseModel):
+    """Per-task options for the training stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int | None = Field(None, ge=ITERATIONS_MIN, le=ITERATIONS_MAX)
+    preset: Literal["fast", "full"] | None = None
+    down_sample_factor: Literal[1, 2, 4, 8] = 1
+    keep_checkpoint: bool = False
+
+    @model_validator(mode="after")
+    def _one_of_iterations_or_preset(self) -> TrainingOptions:
+        if self.iterations is not None and self.preset is not None:
+            raise ValueError("give either iterations or preset, not both")
+        return self
+
+
+class UploadParams(TrainingOptions):
+    """Query or form fields of POST /upload (the seed's names included)."""
+
+    max_frames: int | None = Field(None, ge=FRAMES_MIN, le=FRAMES_MAX)
+    min_frames: int | None = Field(None, ge=FRAMES_MIN, le=FRAMES_MAX)
+    auto_training: bool = True
+
+    @model_validator(mode="after")
+    def _frames_in_order(self) -> UploadParams:
+        if (
+            self.max_frames is not None
+            and self.min_frames is not None
+            and self.min_frames > self.max_frames
+        ):
+            raise ValueError("min_frames must not be larger than max_frames")
+        return self
+
+
+class TaskParams(BaseModel):
+    """The resolved parameters a task runs with."""
+
+    max_frames: int
+    min_frames: int
+    auto_training: bool
+    iterations: int
+    down_sample_factor: int = 1
+    keep_checkpoint: bool = False
+
+
+class Progress(BaseModel):
+    """What the running (or last) stage reported about its own advance."""
+
+    stage: Stage
+    step: str | None = None  # sub-stage, e.g. "features"
+    label: str | None = None  # readable sub-stage name
+    current: int | None = None
+    total: int | None = None
+    percent: float | None = None  # of the whole stage, 0..100
+    rate: float | None = None  # items (training: iterations) per second
+    eta_seconds: float | None = None
+    loss: float | None = None
+    psnr: float | None = None
+    updated_at: datetime | None = None
+
+
+class TaskPublic(BaseModel):
+    """A task as the API shows it; the seed's status fields come first."""
+
+    task_id: str
+    status: TaskStatus
+    message: str | None
+    created_at: datetime
+    updated_at: datetime
+    error_message: str | None
+    metadata: dict[str, Any] | None
+    progress: Progress | None = None
+    queue_position: int | None = None
+    queued_for: Stage | None = None
+    params: TaskParams
+    original_filename: str | None = None
+    video_size: int | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    end_reason: EndReason | None = None
+    attempts: int = 0
+    expired: bool = False
+
+
+class TaskList(BaseModel):
+    """One page of tasks, newest first."""
+
+    tasks: list[TaskPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class UploadResponse(BaseModel):
+    """The seed's upload answer plus where to follow the task."""
+
+    task_id: str
+    message: str
+    status: TaskStatus
+    auto_training: bool
+    training_available: bool
+    training_unavailable_reason: str | None = None
+    status_url: str
+
+
+class ActionResponse(BaseModel):
+    """Answer to cancel, retry, train and delete."""
+
+    task_id: str
+    status: TaskStatus | None
+    message: str
+
+
+class CommandHealth(BaseModel):
+    """Whether a stage's command can run here."""
+
+    available: bool
+    detail: str
+
+
+class Health(BaseModel):
+    """GET /health."""
+
+    status: Literal["ok"] = "ok"
+    version: str
+    queued: dict[Stage, int]
+    running: dict[Stage, list[str]]
+    slots: dict[Stage, int]
+    disk_free_bytes: int
+    disk_total_bytes: int
+    preprocessing: CommandHealth
+    training: CommandHealth
+    auth_required: bool
+
+
+class ErrorBody(BaseModel):
+    """Every error answer has this shape."""
+
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class ApiError(Exception):
+    """An error answered with `status_code` and a JSON body `{"detail": ...}`."""
+
+    status_code = 400
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers
+
+
+class BadRequestError(ApiError):
+    """The request is malformed (400)."""
+
+    status_code = 400
+
+
+class UnauthorizedError(ApiError):
+    """A token is required and was missing or wrong (401)."""
+
+    status_code = 401
+
+
+class NotFoundError(ApiError):
+    """No such task (404)."""
+
+    status_code = 404
+
+
+class ConflictError(ApiError):
+    """The task's state does not allow the action (409)."""
+
+    status_code = 409
+
+
+class GoneError(ApiError):
+    """The task's files were removed by the cleanup (410)."""
+
+    status_code = 410
+
+
+class PayloadTooLargeError(ApiError):
+    """The upload is larger than allowed (413)."""
+
+    status_code = 413
+
+
+class UnsupportedMediaError(ApiError):
+    """The upload is not a usable video, or not multipart (415)."""
+
+    status_code = 415
+
+
+class UnprocessableError(ApiError):
+    """Parameters are out of range or of the wrong type (422)."""
+
+    status_code = 422
+
+
+class ServiceUnavailableError(ApiError):
+    """The server cannot do this now, e.g. training is not configured (503)."""
+
+    status_code = 503
+
+
+class InsufficientStorageError(ApiError):
+    """Not enough free disk (507)."""
+
+    status_code = 507

@@ -1,0 +1,411 @@
+"""Subprocess lifecycle and the task log: stages run as argv lists in their own process group,
+their output is drained continuously into a bounded, timestamped log, and they always end —
+terminate, a bounded grace, then kill, for the whole group — even when the caller is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import os
+import re
+import signal
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
+
+READ_CHUNK = 64 * 1024
+MAX_LINE_CHARS = 4096  # longer lines are cut in the log
+MAX_PENDING_BYTES = 256 * 1024  # an unterminated line longer than this is flushed as a line
+TAIL_LINES = 200  # kept in memory; written after the cut when the log hits its size limit
+REDRAW_INTERVAL = 2.0  # seconds between logged redraws of a `\r` progress bar
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    """How a stage process ended."""
+
+    returncode: int | None
+    timed_out: bool
+    duration: float
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot), or None if it is gone."""
+    stat = _read_stat(pid)
+    return int(stat[19]) if stat else None
+
+
+def _read_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (field 3 onwards)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself contain spaces or parentheses.
+    return raw[raw.rfind(b")") + 2 :].decode("ascii", "replace").split()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of live (non-zombie) processes whose process group is `pgid`."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        stat = _read_stat(int(entry.name))
+        if stat and stat[2] == str(pgid) and stat[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> bool:
+    """Send `sig` to a whole process group; returns False when the group is gone."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+def kill_stale_group(pid: int, start_time: int | None) -> int:
+    """Kill what is left of a stage process group recorded before a server restart.
+
+    The group id is the recorded leader pid. If a process now holds that pid with another
+    start time, the pid was reused by something unrelated and nothing is touched. Returns how
+    many processes were signalled.
+    """
+    current_start = process_start_time(pid)
+    if current_start is not None and start_time is not None and current_start != start_time:
+        return 0
+    members = group_members(pid)
+    if members:
+        signal_group(pid, signal.SIGKILL)
+    return len(members)
+
+
+async def await_shielded(awaitable: Awaitable[T]) -> T:
+    """Await to the end even if the caller is cancelled meanwhile; re-raise the cancel after."""
+    future = asyncio.ensure_future(awaitable)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.done():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+
+
+async def _end_group(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """Terminate the process group, wait up to `grace`, then kill whatever is left."""
+    pgid = proc.pid
+    if proc.returncode is None:
+        signal_group(pgid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), grace)
+    # Children may outlive the leader (or ignore SIGTERM): give them the same grace.
+    if group_members(pgid):
+        signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        # Nothing signals the end of a process that is not our child: poll.
+        while group_members(pgid) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    signal_group(pgid, signal.SIGKILL)
+    if proc.returncode is None:
+        await proc.wait()
+    deadline = time.monotonic() + 5
+    while group_members(pgid) and time.monotonic() < deadline:
+        signal_group(pgid, signal.SIGKILL)
+        await asyncio.sleep(0.02)
+
+
+async def _drain(stream: asyncio.StreamReader, on_output: Callable[[bytes], None]) -> None:
+    while chunk := await stream.read(READ_CHUNK):
+        on_output(chunk)
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    timeout_s: float,
+    on_output: Callable[[bytes], None],
+    on_started: Callable[[int, int | None], Awaitable[None]] | None = None,
+    env: Mapping[str, str] | None = None,
+    kill_grace: float = 10.0,
+) -> ProcessOutcome:
+    """Run `argv` in its own process group with stdout+stderr drained into `on_output`.
+
+    Ends the whole group on timeout, on cancellation and after the leader exits; the cleanup
+    runs to its end even if the caller is cancelled, and the cancel is re-raised afterwards.
+    """
+    if isinstance(argv, str | bytes) or not all(isinstance(a, str) for a in argv):
+        raise TypeError("argv must be a sequence of str, never a shell string")
+    started = time.monotonic()
+    # Our own pipe, not asyncio's: Process.wait() would also wait for every holder of an
+    # asyncio pipe to close it, so a child keeping the output open would hide the exit.
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=write_fd,
+            stderr=write_fd,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    reader, transport = await _open_reader(read_fd)
+    drain = asyncio.create_task(_drain(reader, on_output))
+    timed_out = False
+    try:
+        if on_started is not None:
+            await on_started(proc.pid, process_start_time(proc.pid))
+        remaining = max(0.0, timeout_s - (time.monotonic() - started))
+        try:
+            await asyncio.wait_for(proc.wait(), remaining)
+        except TimeoutError:
+            timed_out = True
+    finally:
+        await await_shielded(_finish(proc, drain, transport, kill_grace))
+    return ProcessOutcome(proc.returncode, timed_out, time.monotonic() - started)
+
+
+async def _open_reader(read_fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=READ_CHUNK * 4)
+    pipe = os.fdopen(read_fd, "rb", buffering=0)
+    try:
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+    except BaseException:
+        pipe.close()
+        raise
+    return reader, transport
+
+
+async def _finish(
+    proc: asyncio.subprocess.Process,
+    drain: asyncio.Task[None],
+    transport: asyncio.BaseTransport,
+    grace: float,
+) -> None:
+    try:
+        await _end_group(proc, grace)
+    finally:
+        # The pipe closes once every holder is dead; a process that escaped the group
+        # (a new session of its own) could hold it open, so do not wait forever.
+        try:
+            await asyncio.wait_for(drain, 5)
+        except (TimeoutError, asyncio.CancelledError):
+            drain.cancel()
+        except Exception:  # an output sink error must not hide the outcome
+            drain.cancel()
+        transport.close()
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b")
+_BAR = re.compile(r"\d+%\||\|\s*\d+/[\d?]+\s*\[|\b\d+it \[")
+
+
+def redraw_key(line: str) -> str | None:
+    """A key naming the progress display `line` redraws (a tqdm bar, a `@progress` line of the
+    stage protocol), or None for an ordinary line."""
+    if line.startswith("@progress "):
+        cut = line.find('"current"')
+        return line[: cut if cut > 0 else 40]
+    if _BAR.search(line):
+        return line.split(":", 1)[0][:60] if ":" in line[:80] else line[:20]
+    return None
+
+
+class TaskLog:
+    """A task's log file: timestamped lines, progress redraws thinned out, size bounded.
+
+    Stage output arrives as raw bytes; lines end at `\\n` or `\\r` and lose terminal escape
+    sequences. A line that redraws a progress display (ended by `\\r`, or shaped like a tqdm
+    bar or a `@progress` line) is written at most every REDRAW_INTERVAL seconds per display;
+    the last state of each display is written before the next ordinary line. Once the file
+    holds `max_bytes`, further lines are only kept in memory (the last TAIL_LINES) and written
+    after a marker when the log is closed.
+    """
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and path.stat().st_size > max_bytes:
+            path.replace(path.with_name(path.name + ".1"))
+        self.path = path
+        self.max_bytes = max_bytes
+        self._file: IO[str] = path.open("a", encoding="utf-8", errors="replace")
+        self._size = self._file.tell()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+        self._redraws: dict[str, str] = {}  # display -> its latest unwritten state
+        self._last_redraw_write: dict[str, float] = {}
+        self._tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._dropped = 0
+        self._last_flush = time.monotonic()
+
+    @property
+    def tail(self) -> list[str]:
+        """The latest output lines (redraws included), oldest first."""
+        return list(self._tail)
+
+    def event(self, text: str) -> None:
+        """Write one of the server's own lines."""
+        for line in text.splitlines() or [""]:
+            self._write(f"[server] {line}", force=True)
+        self._flush()
+
+    def feed(self, chunk: bytes) -> None:
+        """Take raw stage output."""
+        text = self._pending + self._decoder.decode(chunk)
+        start = 0
+        length = len(text)
+        while start < length:
+            nl = text.find("\n", start)
+            cr = text.find("\r", start)
+            if nl < 0 and cr < 0:
+                break
+            end = nl if cr < 0 or (0 <= nl < cr) else cr
+            self._line(text[start:end], carriage_return=text[end] == "\r")
+            start = end + 1
+        self._pending = text[start:]
+        if len(self._pending) > MAX_PENDING_BYTES:
+            self._line(self._pending, carriage_return=False)
+            self._pending = ""
+        if time.monotonic() - self._last_flush > 0.5:
+            self._flush()
+
+    def _line(self, line: str, *, carriage_return: bool) -> None:
+        if "\x1b" in line:
+            line = _ESCAPES.sub("", line)
+        line = line.rstrip()
+        if not line.strip():
+            return
+        if len(line) > MAX_LINE_CHARS:
+            line = line[:MAX_LINE_CHARS] + f" [... {len(line) - MAX_LINE_CHARS} chars cut]"
+        key = redraw_key(line.lstrip())
+        if key is None and carriage_return:
+            key = "\r"
+        if key is not None:
+            now = time.monotonic()
+            if now - self._last_redraw_write.get(key, 0.0) >= REDRAW_INTERVAL:
+                self._last_redraw_write[key] = now
+                self._redraws.pop(key, None)
+                self._keep(line)
+                self._write(line)
+            else:
+                self._redraws[key] = line
+            return
+        self._write_redraws()
+        self._keep(line)
+        self._write(line)
+
+    def _write_redraws(self) -> None:
+        """Write the last unwritten state of every progress display."""
+        for line in self._redraws.values():
+            self._keep(line)
+            self._write(line)
+        self._redraws.clear()
+
+    def _keep(self, line: str) -> None:
+        self._tail.append(line)
+
+    def _write(self, line: str, *, force: bool = False) -> None:
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        record = f"{stamp} {line}\n"
+        if self._size >= self.max_bytes and not force:
+            if self._dropped == 0:
+                marker = (
+                    f"{stamp} [server] log limit of {self.max_bytes} bytes reached; "
+                    f"only the last {TAIL_LINES} lines of this stage will follow\n"
+                )
+                self._file.write(marker)
+                self._size += len(marker)
+            self._dropped += 1
+            return
+        self._file.write(record)
+        self._size += len(record)
+
+    def _flush(self) -> None:
+        self._file.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Write what is still held (a last redraw, the tail after a cut) and close the file."""
+        if self._pending.strip():
+            self._line(self._pending, carriage_return=False)
+            self._pending = ""
+        self._write_redraws()
+        if self._dropped:
+            kept = list(self._tail)[-min(len(self._tail), self._dropped) :]
+            self._write(
+                f"[server] {self._dropped - len(kept)} lines omitted; the last {len(kept)}:",
+                force=True,
+            )
+            for line in kept:
+                self._write(line, force=True)
+            self._dropped = 0
+        self._flush()
+        self._file.close()
+
+    def __enter__(self) -> TaskLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def tail_text(path: Path, lines: int, max_bytes: int = 8 * 1024 * 1024) -> str:
+    """The last `lines` lines of a text file, reading backwards in blocks (at most max_bytes)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            pos = end
+            data = b""
+            while pos > 0 and data.count(b"\n") <= lines and end - pos < max_bytes:
+                step = min(64 * 1024, pos)
+                pos -= step
+                f.seek(pos)
+                data = f.read(step) + data
+    except FileNotFoundError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    parts = text.splitlines(keepends=True)
+    return "".join(parts[-lines:]) if lines else ""
+
+
+async def run_captured(
+    argv: Sequence[str], *, cwd: Path, timeout_s: float, limit: int = 64 * 1024
+) -> tuple[ProcessOutcome, str]:
+    """Run a short command to its end and return how it ended and its (bounded) output."""
+    output = bytearray()
+
+    def keep(chunk: bytes) -> None:
+        room = limit - len(output)
+        if room > 0:
+            output.extend(chunk[:room])
+
+    outcome = await run_process(argv, cwd=cwd, timeout_s=timeout_s, on_output=keep, kill_grace=1)
+    return outcome, output.decode("utf-8", "replace")

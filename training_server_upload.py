@@ -1,0 +1,243 @@
+"""Receive a multipart upload straight into the task folder: parsed as it streams (with
+python-multipart's streaming parser), written once, never held in memory, bounded in size,
+field count and header size, and checked against the free disk while it arrives.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiofiles
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from training_server_models import (
+    BadRequestError,
+    InsufficientStorageError,
+    PayloadTooLargeError,
+    UnsupportedMediaError,
+)
+from training_server_utils import human_bytes
+
+FILE_FIELD = "file"
+MAX_FIELDS = 16
+MAX_FIELD_BYTES = 1024
+MAX_HEADERS_PER_PART = 8
+MAX_HEADER_BYTES = 2048
+WRITE_BUFFER = 1024 * 1024
+DISK_CHECK_EVERY = 64 * 1024 * 1024
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields around the file
+
+
+class ClientGoneError(Exception):
+    """The client disconnected before the upload was complete."""
+
+
+@dataclass
+class ReceivedUpload:
+    """What arrived: the file's bytes on disk, its client-side name, and the form fields."""
+
+    path: Path
+    size: int = 0
+    filename: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def _disposition(value: bytes) -> tuple[str | None, str | None]:
+    kind, options = parse_options_header(value)
+    if kind != b"form-data":
+        return None, None
+    name = options.get(b"name")
+    filename = options.get(b"filename")
+    return (
+        name.decode("utf-8", "replace") if name is not None else None,
+        filename.decode("utf-8", "replace") if filename is not None else None,
+    )
+
+
+def check_free_disk(folder: Path, needed: int, floor: int) -> None:
+    """Raise InsufficientStorageError when writing `needed` bytes would leave under `floor`."""
+    free = shutil.disk_usage(folder).free
+    if free - needed < floor:
+        raise InsufficientStorageError(
+            f"Not enough free disk space: {human_bytes(free)} free, the upload needs "
+            f"{human_bytes(needed)} plus {human_bytes(floor)} kept free."
+        )
+
+
+class _PartCollector:
+    """python-multipart callbacks that sort parts into the file and small fields."""
+
+    def __init__(self) -> None:
+        self.header_field = bytearray()
+        self.header_value = bytearray()
+        self.headers: dict[bytes, bytes] = {}
+        self.name: str | None = None
+        self.is_file = False
+        self.file_seen = False
+        self.file_done = False
+        self.filename: str | None = None
+        self.value = bytearray()
+        self.fields: dict[str, str] = {}
+        self.file_bytes = bytearray()
+        self.parts = 0
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_FIELDS + 1:
+            raise BadRequestError(f"Too many form parts: at most {MAX_FIELDS} fields and a file.")
+        self.headers = {}
+        self.name = None
+        self.is_file = False
+        self.value = bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+        if len(self.header_value) > MAX_HEADER_BYTES:
+            raise BadRequestError("A part header of the upload is too long.")
+
+    def on_header_end(self) -> None:
+        self.headers[bytes(self.header_field).strip().lower()] = bytes(self.header_value).strip()
+        self.header_field = bytearray()
+        self.header_value = bytearray()
+
+    def on_headers_finished(self) -> None:
+        name, filename = _disposition(self.headers.get(b"content-disposition", b""))
+        if name is None:
+            raise BadRequestError("Every form part needs a Content-Disposition with a name.")
+        self.name = name
+        if name == FILE_FIELD:
+            if self.file_seen:
+                raise BadRequestError("Send one video per upload.")
+            self.file_seen = True
+            self.is_file = True
+            self.filename = filename
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.is_file:
+            self.file_bytes += memoryview(data)[start:end]
+        else:
+            self.value += data[start:end]
+            if len(self.value) > MAX_FIELD_BYTES:
+                raise BadRequestError(f"Form field {self.name!r} is too long.")
+
+    def on_part_end(self) -> None:
+        if self.is_file:
+            self.file_done = True
+        elif self.name is not None:
+            if len(self.fields) >= MAX_FIELDS:
+                raise BadRequestError(f"Too many form fields: at most {MAX_FIELDS}.")
+            self.fields[self.name] = self.value.decode("utf-8", "replace")
+
+
+async def receive_upload(
+    request: Request, target: Path, *, max_bytes: int, min_free_bytes: int
+) -> ReceivedUpload:
+    """Stream the request's multipart body; the `file` part goes to `target`.
+
+    Raises an ApiError subclass (400, 413, 415, 507) or ClientGoneError; the caller removes
+    `target` on any error.
+    """
+    kind, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise UnsupportedMediaError(
+            "Send the video as multipart/form-data in a field named 'file', "
+            "for example: curl -F file=@video.mp4 http://HOST:PORT/upload"
+        )
+    too_large = PayloadTooLargeError(
+        f"The upload is larger than the limit of {human_bytes(max_bytes)}."
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BadRequestError("Content-Length is not a number.") from None
+        if length > max_bytes + MULTIPART_OVERHEAD:
+            raise too_large
+        check_free_disk(target.parent, length, min_free_bytes)
+    else:
+        check_free_disk(target.parent, 0, min_free_bytes)
+
+    collector = _PartCollector()
+    try:
+        parser = MultipartParser(
+            boundary,
+            collector.callbacks(),  # type: ignore[arg-type]
+            max_header_count=MAX_HEADERS_PER_PART,
+            max_header_size=MAX_HEADER_BYTES,
+        )
+    except ValueError as exc:
+        raise BadRequestError(f"Bad multipart boundary: {exc}") from None
+    result = ReceivedUpload(path=target)
+
+    async def _receive_into(out: aiofiles.threadpool.binary.AsyncBufferedIOBase) -> None:
+        received = 0
+        next_disk_check = DISK_CHECK_EVERY
+        try:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > max_bytes + MULTIPART_OVERHEAD:
+                    raise too_large
+                try:
+                    parser.write(chunk)
+                except MultipartParseError as exc:
+                    raise BadRequestError(f"The multipart body is malformed: {exc}") from None
+                if result.size + len(collector.file_bytes) > max_bytes:
+                    raise too_large
+                if len(collector.file_bytes) >= WRITE_BUFFER or (
+                    collector.file_done and collector.file_bytes
+                ):
+                    result.size += await _flush(out, collector.file_bytes)
+                    if result.size >= next_disk_check:
+                        next_disk_check += DISK_CHECK_EVERY
+                        check_free_disk(target.parent, 0, min_free_bytes)
+        except ClientDisconnect:
+            raise ClientGoneError from None
+        if collector.file_bytes:
+            result.size += await _flush(out, collector.file_bytes)
+
+    try:
+        async with aiofiles.open(target, "wb") as out:
+            await _receive_into(out)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorageError(
+                "The disk filled up while receiving the upload."
+            ) from None
+        raise
+    if parser.state != MultipartState.END:
+        raise BadRequestError("The upload ended before the multipart body was complete.")
+    if not collector.file_seen:
+        raise BadRequestError("No video in the upload: send it in a form field named 'file'.")
+    if result.size == 0:
+        raise UnsupportedMediaError("The uploaded file is empty.")
+    result.filename = collector.filename
+    result.fields = collector.fields
+    return result
+
+
+async def _flush(out: aiofiles.threadpool.binary.AsyncBufferedIOBase, buffer: bytearray) -> int:
+    size = len(buffer)
+    await out.write(buffer)
+    buffer.clear()
+    return size
