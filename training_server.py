@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import hmac
 import json
 import logging
 import shutil
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,18 +28,14 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import StreamingResponse
-from zipstream import ZipStream
 
-import training_server_trainer as trainer
 from training_server_db import Database
+from training_server_deps import Manager, Settings, TaskId, require_token
 from training_server_models import (
     HERE,
     TRAINING_PRESETS,
     ActionResponse,
     ApiError,
-    ConflictError,
-    GoneError,
     Health,
     NotFoundError,
     ServerConfig,
@@ -51,23 +45,16 @@ from training_server_models import (
     TaskPublic,
     TaskStatus,
     TrainingOptions,
-    UnauthorizedError,
     UnprocessableError,
     UnsupportedMediaError,
     UploadParams,
     UploadResponse,
 )
 from training_server_process import run_captured, tail_text
+from training_server_results import router as results_router
 from training_server_tasks import TaskManager
 from training_server_upload import ClientGoneError, receive_upload
-from training_server_utils import (
-    DATASET_DIR,
-    SUMMARY_NAME,
-    content_disposition,
-    download_name,
-    safe_files,
-    sanitize_filename,
-)
+from training_server_utils import jsonable_errors, readable_errors, sanitize_filename
 
 VERSION = "0.1.0"
 STATIC_DIR = HERE / "static"
@@ -76,61 +63,7 @@ log = logging.getLogger("training_server")
 # -- dependencies ------------------------------------------------------------------------
 
 
-def get_settings(request: Request) -> ServerConfig:
-    """The settings the app was created with."""
-    return request.app.state.settings
-
-
-def get_manager(request: Request) -> TaskManager:
-    """The app's task manager."""
-    return request.app.state.manager
-
-
-async def require_token(request: Request) -> None:
-    """When an API token is set, demand it as `Authorization: Bearer ...` (or `?token=` for
-    EventSource and download links, which cannot send headers)."""
-    settings: ServerConfig = request.app.state.settings
-    if settings.api_token is None:
-        return
-    expected = settings.api_token.get_secret_value().encode()
-    header = request.headers.get("authorization", "")
-    scheme, _, supplied = header.partition(" ")
-    if scheme.lower() != "bearer" or not supplied:
-        supplied = request.query_params.get("token", "")
-    if not supplied or not hmac.compare_digest(supplied.strip().encode(), expected):
-        raise UnauthorizedError(
-            "A valid API token is required: send 'Authorization: Bearer <token>'.",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
-def task_id_path(task_id: uuid.UUID) -> str:
-    """The task id from the path, validated as a UUID (422 otherwise) and made canonical."""
-    return str(task_id)
-
-
-Settings = Annotated[ServerConfig, Depends(get_settings)]
-Manager = Annotated[TaskManager, Depends(get_manager)]
-TaskId = Annotated[str, Depends(task_id_path)]
-
-
 # -- error answers -----------------------------------------------------------------------
-
-
-def _readable(errors: list[Any]) -> str:
-    parts = []
-    for error in errors:
-        location = ".".join(str(p) for p in error.get("loc", ()) if p not in {"body", "query"})
-        message = error.get("msg", "invalid")
-        parts.append(f"{location}: {message}" if location else message)
-    return "; ".join(parts) or "Invalid request"
-
-
-def _jsonable_errors(errors: list[Any]) -> list[dict[str, Any]]:
-    return [
-        {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg"), "type": e.get("type")}
-        for e in errors
-    ]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -143,7 +76,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
-        return JSONResponse({"detail": _readable(errors), "errors": _jsonable_errors(errors)}, 422)
+        return JSONResponse(
+            {"detail": readable_errors(errors), "errors": jsonable_errors(errors)}, 422
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -197,8 +132,8 @@ def create_app(settings: ServerConfig | None = None) -> FastAPI:
         )
     api = APIRouter(dependencies=[Depends(require_token)])
     _add_task_routes(api)
-    _add_result_routes(api)
     app.include_router(api)
+    app.include_router(results_router)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
@@ -262,7 +197,7 @@ def _upload_params(
         upload = UploadParams.model_validate({**checked, **data})
     except ValidationError as exc:
         errors = list(exc.errors())
-        raise UnprocessableError(_readable(errors)) from None
+        raise UnprocessableError(readable_errors(errors)) from None
     max_frames = upload.max_frames or max(settings.default_max_frames, upload.min_frames or 0)
     min_frames = upload.min_frames or min(settings.default_min_frames, max_frames)
     if min_frames > max_frames:
@@ -536,90 +471,6 @@ async def _task_events(manager: TaskManager) -> AsyncIterator[dict]:
         while True:
             event = await queue.get()
             yield {"event": event["type"], "data": json.dumps(event)}
-
-
-# -- result routes -----------------------------------------------------------------------
-
-
-def _zip_response(files: list[tuple[Path, str]], filename: str) -> StreamingResponse:
-    archive = ZipStream(sized=True)
-    for path, arcname in files:
-        archive.add_path(str(path), arcname, recurse=False)
-    headers = {
-        "Content-Disposition": content_disposition(filename),
-        "Content-Length": str(len(archive)),
-    }
-    return StreamingResponse(_iterate(archive), media_type="application/zip", headers=headers)
-
-
-def _iterate(archive: ZipStream) -> Iterator[bytes]:
-    yield from archive
-
-
-def _add_result_routes(api: APIRouter) -> None:
-    @api.get("/download/{task_id}", responses={200: {"content": {"application/zip": {}}}})
-    async def download(task_id: TaskId, manager: Manager) -> StreamingResponse:
-        """A ZIP of the result: the trained model once training_completed, the COLMAP
-        dataset once preprocessing_completed."""
-        task = await manager.public(task_id)
-        if task.expired:
-            raise GoneError("The task's files were removed by the cleanup.")
-        if task.status == TaskStatus.TRAINING_COMPLETED:
-            output_dir = manager.paths.output_dir(task_id)
-            files = await asyncio.to_thread(
-                trainer.result_files, output_dir, task.params.keep_checkpoint
-            )
-            suffix = "_gaussians.zip"
-        elif task.status == TaskStatus.PREPROCESSING_COMPLETED:
-            task_dir = manager.paths.task_dir(task_id)
-            files = await asyncio.to_thread(safe_files, task_dir / DATASET_DIR, DATASET_DIR)
-            summary = task_dir / SUMMARY_NAME
-            if summary.is_file() and not summary.is_symlink():
-                files.append((summary, SUMMARY_NAME))
-            suffix = "_dataset.zip"
-        else:
-            raise ConflictError(
-                f"Nothing to download yet: the task is {task.status.value}. A ZIP is ready once "
-                "it is preprocessing_completed (the dataset) or training_completed (the model)."
-            )
-        if not files:
-            raise GoneError("The task's result files are missing.")
-        return _zip_response(files, download_name(task.original_filename, task_id, suffix))
-
-    @api.get(
-        "/download/{task_id}/ply", responses={200: {"content": {"application/octet-stream": {}}}}
-    )
-    async def download_ply(task_id: TaskId, manager: Manager) -> FileResponse:
-        """The trained model's final .ply alone, for splat viewers."""
-        task = await manager.public(task_id)
-        if task.expired:
-            raise GoneError("The task's files were removed by the cleanup.")
-        if task.status != TaskStatus.TRAINING_COMPLETED:
-            raise ConflictError(
-                f"No model yet: the task is {task.status.value}; a .ply exists once it is "
-                "training_completed."
-            )
-        output_dir = manager.paths.output_dir(task_id)
-        relative = ((task.metadata or {}).get("training") or {}).get("ply_path")
-        path = (output_dir / relative) if relative else None
-        if path is None or not _inside(path, output_dir) or not path.is_file():
-            raise GoneError("The model file is missing.")
-        return FileResponse(
-            path,
-            media_type="application/octet-stream",
-            headers={
-                "Content-Disposition": content_disposition(
-                    download_name(task.original_filename, task_id, ".ply")
-                )
-            },
-        )
-
-
-def _inside(path: Path, root: Path) -> bool:
-    """Whether `path` resolves inside `root` (symlinks followed) and is no symlink itself."""
-    with contextlib.suppress(OSError):
-        return not path.is_symlink() and path.resolve().is_relative_to(root.resolve())
-    return False
 
 
 # -- entry point -------------------------------------------------------------------------

@@ -172,3 +172,19 @@ class Paths:
     def log_file(self, task_id: str) -> Path:
         """logs/{task_id}/training_server.log."""
         return self.logs_dir / task_id / LOG_NAME
+
+
+def readable_errors(errors: list[Any]) -> str:
+    parts = []
+    for error in errors:
+        location = ".".join(str(p) for p in error.get("loc", ()) if p not in {"body", "query"})
+        message = error.get("msg", "invalid")
+        parts.append(f"{location}: {message}" if location else message)
+    return "; ".join(parts) or "Invalid request"
+
+
+def jsonable_errors(errors: list[Any]) -> list[dict[str, Any]]:
+    return [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg"), "type": e.get("type")}
+        for e in errors
+    ]

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import pid_alive
 
+from conftest import pid_alive
 from training_server_process import (
     MAX_LINE_CHARS,
     TaskLog,
