@@ -25,6 +25,7 @@ READ_CHUNK = 64 * 1024
 MAX_LINE_CHARS = 4096  # longer lines are cut in the log
 MAX_PENDING_BYTES = 256 * 1024  # an unterminated line longer than this is flushed as a line
 TAIL_LINES = 200  # kept in memory; written after the cut when the log hits its size limit
+OVERFLOW_KEEP = 256 * 1024  # characters kept of the output that came after the size limit
 REDRAW_INTERVAL = 2.0  # seconds between logged redraws of a `\r` progress bar
 
 
@@ -245,8 +246,8 @@ class TaskLog:
     sequences. A line that redraws a progress display (ended by `\\r`, or shaped like a tqdm
     bar or a `@progress` line) is written at most every REDRAW_INTERVAL seconds per display;
     the last state of each display is written before the next ordinary line. Once the file
-    holds `max_bytes`, further lines are only kept in memory (the last TAIL_LINES) and written
-    after a marker when the log is closed.
+    holds `max_bytes`, further output is not parsed at all: only its last OVERFLOW_KEEP
+    characters are kept, and their last TAIL_LINES lines are written when the log is closed.
     """
 
     def __init__(self, path: Path, max_bytes: int) -> None:
@@ -262,41 +263,72 @@ class TaskLog:
         self._redraws: dict[str, str] = {}  # display -> its latest unwritten state
         self._last_redraw_write: dict[str, float] = {}
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self._dropped = 0
+        self._overflow = ""  # the end of what came after the size limit
+        self._overflow_chars = 0
         self._last_flush = time.monotonic()
 
     @property
     def tail(self) -> list[str]:
         """The latest output lines (redraws included), oldest first."""
+        if self._overflow:
+            return [line for line in self._overflow.splitlines() if line.strip()][-TAIL_LINES:]
         return list(self._tail)
 
     def event(self, text: str) -> None:
-        """Write one of the server's own lines."""
-        for line in text.splitlines() or [""]:
-            self._write(f"[server] {line}", force=True)
+        """Write one of the server's own lines (these are never cut)."""
+        stamp = _stamp()
+        self._emit([f"{stamp} [server] {line}\n" for line in text.splitlines() or [""]])
         self._flush()
 
     def feed(self, chunk: bytes) -> None:
         """Take raw stage output."""
         text = self._pending + self._decoder.decode(chunk)
+        self._pending = ""
+        if self._size >= self.max_bytes:
+            self._spill(text)
+            return
+        stamp = _stamp()
+        records: list[str] = []
+        size = self._size
         start = 0
         length = len(text)
         while start < length:
             nl = text.find("\n", start)
-            cr = text.find("\r", start)
+            cr = text.find("\r", start, nl if nl >= 0 else length)
             if nl < 0 and cr < 0:
                 break
-            end = nl if cr < 0 or (0 <= nl < cr) else cr
-            self._line(text[start:end], carriage_return=text[end] == "\r")
+            end = cr if cr >= 0 else nl
+            before = len(records)
+            self._line(text[start:end], stamp, records, carriage_return=text[end] == "\r")
             start = end + 1
-        self._pending = text[start:]
-        if len(self._pending) > MAX_PENDING_BYTES:
-            self._line(self._pending, carriage_return=False)
-            self._pending = ""
+            size += sum(len(record) for record in records[before:])
+            if size >= self.max_bytes:
+                self._emit(records)
+                records = []
+                self._spill(text[start:])
+                return
+        rest = text[start:]
+        if len(rest) > MAX_PENDING_BYTES:
+            self._line(rest, stamp, records, carriage_return=False)
+            rest = ""
+        self._pending = rest
+        self._emit(records)
         if time.monotonic() - self._last_flush > 0.5:
             self._flush()
 
-    def _line(self, line: str, *, carriage_return: bool) -> None:
+    def _spill(self, text: str) -> None:
+        """Past the size limit: keep only the end of the output, unparsed."""
+        if not self._overflow_chars:
+            self._emit(
+                [
+                    f"{_stamp()} [server] log limit of {self.max_bytes} bytes reached; "
+                    f"only the last {TAIL_LINES} lines of this stage will follow\n"
+                ]
+            )
+        self._overflow_chars += len(text)
+        self._overflow = (self._overflow + text)[-OVERFLOW_KEEP:]
+
+    def _line(self, line: str, stamp: str, records: list[str], *, carriage_return: bool) -> None:
         if "\x1b" in line:
             line = _ESCAPES.sub("", line)
         line = line.rstrip()
@@ -312,40 +344,27 @@ class TaskLog:
             if now - self._last_redraw_write.get(key, 0.0) >= REDRAW_INTERVAL:
                 self._last_redraw_write[key] = now
                 self._redraws.pop(key, None)
-                self._keep(line)
-                self._write(line)
+                self._tail.append(line)
+                records.append(f"{stamp} {line}\n")
             else:
                 self._redraws[key] = line
             return
-        self._write_redraws()
-        self._keep(line)
-        self._write(line)
+        self._take_redraws(stamp, records)
+        self._tail.append(line)
+        records.append(f"{stamp} {line}\n")
 
-    def _write_redraws(self) -> None:
-        """Write the last unwritten state of every progress display."""
+    def _take_redraws(self, stamp: str, records: list[str]) -> None:
+        """The last unwritten state of every progress display, as records."""
         for line in self._redraws.values():
-            self._keep(line)
-            self._write(line)
+            self._tail.append(line)
+            records.append(f"{stamp} {line}\n")
         self._redraws.clear()
 
-    def _keep(self, line: str) -> None:
-        self._tail.append(line)
-
-    def _write(self, line: str, *, force: bool = False) -> None:
-        stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        record = f"{stamp} {line}\n"
-        if self._size >= self.max_bytes and not force:
-            if self._dropped == 0:
-                marker = (
-                    f"{stamp} [server] log limit of {self.max_bytes} bytes reached; "
-                    f"only the last {TAIL_LINES} lines of this stage will follow\n"
-                )
-                self._file.write(marker)
-                self._size += len(marker)
-            self._dropped += 1
-            return
-        self._file.write(record)
-        self._size += len(record)
+    def _emit(self, records: list[str]) -> None:
+        if records:
+            text = "".join(records)
+            self._file.write(text)
+            self._size += len(text)
 
     def _flush(self) -> None:
         self._file.flush()
@@ -353,19 +372,22 @@ class TaskLog:
 
     def close(self) -> None:
         """Write what is still held (a last redraw, the tail after a cut) and close the file."""
-        if self._pending.strip():
-            self._line(self._pending, carriage_return=False)
-            self._pending = ""
-        self._write_redraws()
-        if self._dropped:
-            kept = list(self._tail)[-min(len(self._tail), self._dropped) :]
-            self._write(
-                f"[server] {self._dropped - len(kept)} lines omitted; the last {len(kept)}:",
-                force=True,
+        stamp = _stamp()
+        records: list[str] = []
+        if self._overflow_chars:
+            self._overflow += self._pending
+            kept = self.tail
+            records.append(
+                f"{stamp} [server] {self._overflow_chars} characters of output omitted; "
+                f"the last {len(kept)} lines:\n"
             )
-            for line in kept:
-                self._write(line, force=True)
-            self._dropped = 0
+            records += [f"{stamp} {line[:MAX_LINE_CHARS]}\n" for line in kept]
+        else:
+            if self._pending.strip():
+                self._line(self._pending, stamp, records, carriage_return=False)
+            self._take_redraws(stamp, records)
+        self._pending = ""
+        self._emit(records)
         self._flush()
         self._file.close()
 
@@ -374,6 +396,10 @@ class TaskLog:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def tail_text(path: Path, lines: int, max_bytes: int = 8 * 1024 * 1024) -> str:

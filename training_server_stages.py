@@ -13,6 +13,7 @@ import codecs
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ from training_server_utils import (
 )
 
 TAIL_IN_ERROR = 15  # output lines quoted in error_message
+_STAGE_LINE = re.compile(r"^@(?:progress|error) [^\r\n]*", re.MULTILINE)
 
 
 @dataclass
@@ -144,11 +146,12 @@ class PipelineOutput:
     def feed(self, chunk: bytes) -> None:
         """Take raw output; report progress and remember the error message."""
         text = self._pending + self._decoder.decode(chunk)
-        *lines, self._pending = text.replace("\r", "\n").split("\n")
-        if len(self._pending) > 65536:
-            self._pending = ""
-        for line in lines:
-            parsed = parse_stage_line(line.strip())
+        cut = max(text.rfind("\n"), text.rfind("\r")) + 1
+        complete, self._pending = text[:cut], text[cut:][-65536:]
+        if "@" not in complete:
+            return
+        for match in _STAGE_LINE.finditer(complete):
+            parsed = parse_stage_line(match.group(0))
             if parsed is None:
                 continue
             kind, data = parsed

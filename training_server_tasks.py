@@ -116,6 +116,7 @@ class TaskManager:
         self._progress: dict[str, _ProgressState] = {}
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._accepting = False
         self.checkout = trainer.find_trainer_checkout(self.settings.trainer_path, Path.cwd())
         self.preprocess_health = CommandHealth(available=False, detail="not checked yet")
@@ -446,7 +447,21 @@ class TaskManager:
                 log.exception("scheduler error; retrying")
                 await asyncio.sleep(1)
 
+    async def _reconcile(self) -> None:
+        """Re-queue tasks the database shows running that no stage of this server runs (their
+        end could not be recorded, e.g. on a full disk): nothing stays running forever."""
+        for row in await self.db.tasks_in([s.value for s in state.RUNNING]):
+            if row["id"] in self._running:
+                continue
+            log.warning("task %s was left %s without a running stage", row["id"], row["status"])
+            await self._requeue_interrupted(
+                row["id"],
+                S(row["status"]),
+                "The end of its last run could not be recorded; queued to run again",
+            )
+
     async def _fill_slots(self) -> None:
+        await self._reconcile()
         slots = {
             Stage.PREPROCESSING: self.settings.preprocess_slots,
             Stage.TRAINING: self.settings.training_slots,
@@ -503,12 +518,15 @@ class TaskManager:
 
     async def _run(self, task_id: str, stage: Stage) -> None:
         result: StageResult | None = None
-        task_log = TaskLog(self.paths.log_file(task_id), self.settings.log_max_bytes)
+        task_log: TaskLog | None = None
         try:
+            entry = self._running[task_id]
             pending = self._pending_stop.pop(task_id, None)
-            if pending is not None:
+            if pending is not None:  # cancelled between its claim and this start
+                entry.stop_reason, entry.stop_message = pending
                 raise asyncio.CancelledError
             row = await self.db.get_task(task_id)
+            task_log = TaskLog(self.paths.log_file(task_id), self.settings.log_max_bytes)
             task_log.event(f"Stage {stage.value} started (attempt {row['attempts']})")
             ctx = StageContext(
                 task_id=task_id,
@@ -527,16 +545,15 @@ class TaskManager:
                 result = await stages.train(ctx)
         except asyncio.CancelledError:
             entry = self._running.get(task_id)
-            pending = pending or self._pending_stop.pop(task_id, None)
-            reason = entry.stop_reason if entry and entry.stop_reason else None
-            message = entry.stop_message if entry and entry.stop_message else None
-            if reason is None and pending is not None:
-                reason, message = pending
+            reason = entry.stop_reason if entry else None
+            message = (entry.stop_message if entry else None) or "Cancelled"
             result = StageResult(
                 reason=reason or EndReason.CANCELLED,
-                message=message or "Cancelled",
-                error=message if reason != EndReason.INTERRUPTED else None,
+                message=message,
+                error=None if reason == EndReason.INTERRUPTED else message,
             )
+        except TaskNotFoundError:
+            result = None  # deleted before it started
         except Exception as exc:
             log.exception("stage %s of task %s crashed", stage.value, task_id)
             result = StageResult(
@@ -545,18 +562,25 @@ class TaskManager:
                 f"Internal error in the server while running {stage.value}: {exc!r}",
             )
         finally:
-            if result is None:
-                result = StageResult(EndReason.INTERRUPTED, "Interrupted")
             await await_shielded(self._finish(task_id, stage, result, task_log))
 
     async def _finish(
-        self, task_id: str, stage: Stage, result: StageResult, task_log: TaskLog
+        self,
+        task_id: str,
+        stage: Stage,
+        result: StageResult | None,
+        task_log: TaskLog | None,
     ) -> None:
         try:
-            task_log.event(f"Stage {stage.value} ended: {result.reason.value}: {result.message}")
-            if result.error and result.reason != EndReason.SUCCEEDED:
-                task_log.event(result.error)
-            task_log.close()
+            if result is None:
+                return
+            if task_log is not None:
+                task_log.event(
+                    f"Stage {stage.value} ended: {result.reason.value}: {result.message}"
+                )
+                if result.error and result.reason != EndReason.SUCCEEDED:
+                    task_log.event(result.error)
+                task_log.close()
             await self._flush_progress(task_id)
             fields: dict[str, Any] = {
                 "message": result.message,
@@ -569,6 +593,16 @@ class TaskManager:
                 row = await self.db.get_task(task_id)
                 fields["metadata"] = {**(row["metadata"] or {}), **result.metadata}
             current = state.STAGE_STATUS[stage]
+            if stage == Stage.PREPROCESSING and result.reason not in {
+                EndReason.SUCCEEDED,
+                EndReason.INTERRUPTED,
+            }:
+                # Partial frames and models are of no use and may be what filled the disk;
+                # the video stays for a retry.
+                row = await self.db.get_task(task_id)
+                await asyncio.to_thread(
+                    stages.clear_outputs, self.paths.task_dir(task_id), row["video_filename"]
+                )
             if result.reason == EndReason.SUCCEEDED:
                 await self._succeeded(task_id, stage, fields)
             elif result.reason == EndReason.INTERRUPTED:
@@ -625,7 +659,9 @@ class TaskManager:
         now = time.monotonic()
         if now - slot.last_write >= PROGRESS_WRITE_INTERVAL:
             slot.last_write = now
-            asyncio.get_running_loop().create_task(self._flush_progress(task_id))
+            flush = asyncio.get_running_loop().create_task(self._flush_progress(task_id))
+            self._background.add(flush)
+            flush.add_done_callback(self._background.discard)
 
     async def _flush_progress(self, task_id: str) -> None:
         slot = self._progress.get(task_id)

@@ -561,6 +561,8 @@ class TrainingProgressParser:
         return self.latest if self._consume(line) else None
 
     def _consume(self, text: str) -> bool:
+        if "[" not in text or "it" not in text:  # every bar shows `[... it/s]`: skip the rest
+            return False
         bar = parse_tqdm_line(strip_terminal_controls(text))
         if bar is None:
             return False

@@ -161,7 +161,7 @@ def wait_for(
     client: httpx.Client,
     task_id: str,
     predicate: Callable[[dict[str, Any]], bool],
-    timeout: float = 60,
+    timeout: float = 120,
     interval: float = 0.1,
 ) -> dict[str, Any]:
     """Poll /status until `predicate(status)` holds; fail with the last status otherwise."""
@@ -178,7 +178,7 @@ def wait_for(
 
 
 def wait_status(
-    client: httpx.Client, task_id: str, statuses: set[str] | str, timeout: float = 60
+    client: httpx.Client, task_id: str, statuses: set[str] | str, timeout: float = 120
 ) -> dict[str, Any]:
     wanted = {statuses} if isinstance(statuses, str) else statuses
     return wait_for(client, task_id, lambda s: s["status"] in wanted, timeout)

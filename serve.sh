@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install what the server needs (once) and start it: ./serve.sh [--host H] [--port P]
+# Settings come from TRAINING_SERVER_* environment variables or a .env file (see README.md).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.installed-requirements
+if [ ! -f "$stamp" ] || ! cmp -s requirements.txt "$stamp"; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -r requirements.txt
+    cp requirements.txt "$stamp"
+fi
+# The in-page 3D viewers (three.js, Spark) come from npm; the page works without them.
+if [ -f package-lock.json ] && command -v npm >/dev/null 2>&1; then
+    if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then
+        npm ci --no-audit --no-fund --loglevel=error || echo "npm ci failed: the page's 3D viewers will be missing" >&2
+    fi
+fi
+exec .venv/bin/python training_server.py "$@"
