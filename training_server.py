@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -219,7 +219,13 @@ def _upload_params(
 async def probe_video(settings: ServerConfig, path: Path) -> dict[str, Any]:
     """Check by content that `path` is a decodable video (in a subprocess); 415 otherwise."""
     outcome, output = await run_captured(
-        [sys.executable, str(HERE / "video_probe.py"), str(path)],
+        [
+            sys.executable,
+            str(HERE / "video_probe.py"),
+            "--timeout",
+            str(settings.probe_timeout),
+            str(path),
+        ],
         cwd=path.parent,
         timeout_s=settings.probe_timeout,
     )
@@ -316,9 +322,9 @@ def _add_task_routes(api: APIRouter) -> None:
         )
 
     @api.get("/status/{task_id}", response_model=TaskPublic)
-    async def status(task_id: TaskId, manager: Manager) -> TaskPublic:
+    async def status(task_id: TaskId, manager: Manager) -> Response:
         """A task's status, progress, queue position, parameters and results."""
-        return await manager.public(task_id)
+        return _json(await manager.public(task_id))
 
     @api.get("/tasks", response_model=TaskList)
     async def tasks(
@@ -326,15 +332,15 @@ def _add_task_routes(api: APIRouter) -> None:
         status: Annotated[list[TaskStatus] | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> TaskList:
+    ) -> Response:
         """Tasks, newest first; `status` (repeatable) filters."""
         items, total = await manager.list_public(status or [], limit, offset)
-        return TaskList(tasks=items, total=total, limit=limit, offset=offset)
+        return _json(TaskList(tasks=items, total=total, limit=limit, offset=offset))
 
     @api.get("/tasks/{task_id}", response_model=TaskPublic)
-    async def task(task_id: TaskId, manager: Manager) -> TaskPublic:
+    async def task(task_id: TaskId, manager: Manager) -> Response:
         """The same as /status/{task_id}."""
-        return await manager.public(task_id)
+        return _json(await manager.public(task_id))
 
     @api.post("/tasks/{task_id}/cancel", response_model=ActionResponse)
     async def cancel(task_id: TaskId, manager: Manager) -> ActionResponse:
@@ -421,6 +427,11 @@ def _add_task_routes(api: APIRouter) -> None:
             training=manager.training_health,
             auth_required=settings.api_token is not None,
         )
+
+
+def _json(model: BaseModel) -> Response:
+    """A model already validated by construction, serialized once (pydantic-core)."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def _read_all(path: Path, limit: int) -> str:

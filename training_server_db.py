@@ -287,6 +287,14 @@ class Database:
         count = int(row[0]) if row else 0
         return count or None
 
+    async def queue_positions(self) -> dict[str, int]:
+        """1-based queue place of every waiting task, in one query."""
+        async with self._reader.execute(
+            "SELECT id, ROW_NUMBER() OVER (PARTITION BY queued_for ORDER BY queue_key, seq) "
+            "FROM tasks WHERE queued_for IS NOT NULL"
+        ) as cur:
+            return {r[0]: int(r[1]) for r in await cur.fetchall()}
+
     async def tasks_in(self, statuses: Sequence[str]) -> list[dict[str, Any]]:
         """Every task in one of `statuses`, oldest first."""
         async with self._reader.execute(

@@ -93,6 +93,37 @@ def kill_stale_group(pid: int, start_time: int | None) -> int:
     return len(members)
 
 
+TASK_MARKER = "TRAINING_SERVER_TASK_ID"
+
+
+def processes_marked(task_id: str) -> list[int]:
+    """Pids of live processes whose environment carries this task's marker (every stage
+    process and its descendants inherit it)."""
+    needle = f"{TASK_MARKER}={task_id}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            stat = _read_stat(int(entry.name))
+            if stat and stat[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def kill_marked(task_id: str) -> int:
+    """SIGKILL every live process carrying the task's marker; returns how many."""
+    pids = processes_marked(task_id)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
 async def await_shielded(awaitable: Awaitable[T]) -> T:
     """Await to the end even if the caller is cancelled meanwhile; re-raise the cancel after."""
     future = asyncio.ensure_future(awaitable)
@@ -371,7 +402,13 @@ class TaskLog:
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        """Write what is still held (a last redraw, the tail after a cut) and close the file."""
+        """Write what is still held and close the file."""
+        self.end_output()
+        self._flush()
+        self._file.close()
+
+    def end_output(self) -> None:
+        """Write what the stage's output left held: a last redraw, the tail after a cut."""
         stamp = _stamp()
         records: list[str] = []
         if self._overflow_chars:
@@ -387,9 +424,9 @@ class TaskLog:
                 self._line(self._pending, stamp, records, carriage_return=False)
             self._take_redraws(stamp, records)
         self._pending = ""
+        self._overflow = ""
+        self._overflow_chars = 0
         self._emit(records)
-        self._flush()
-        self._file.close()
 
     def __enter__(self) -> TaskLog:
         return self

@@ -23,7 +23,13 @@ from typing import Any
 
 import training_server_trainer as trainer
 from training_server_models import CommandHealth, EndReason, ServerConfig, Stage, TaskParams
-from training_server_process import ProcessOutcome, TaskLog, run_captured, run_process
+from training_server_process import (
+    TASK_MARKER,
+    ProcessOutcome,
+    TaskLog,
+    run_captured,
+    run_process,
+)
 from training_server_utils import (
     DATASET_DIR,
     SUMMARY_NAME,
@@ -82,7 +88,7 @@ async def _run(
         timeout_s=timeout_s,
         on_output=on_output,
         on_started=ctx.record_pid,
-        env=env,
+        env={**env, TASK_MARKER: ctx.task_id},
         kill_grace=ctx.settings.kill_grace,
     )
 

@@ -39,7 +39,7 @@ from training_server_models import (
     TaskStatus,
     TrainingOptions,
 )
-from training_server_process import TaskLog, await_shielded, kill_stale_group
+from training_server_process import TaskLog, await_shielded, kill_marked, kill_stale_group
 from training_server_stages import StageContext, StageResult
 from training_server_utils import Paths
 
@@ -157,12 +157,15 @@ class TaskManager:
         """Re-queue tasks a dead server left running (killing their leftover processes) and
         remove upload folders that never became tasks."""
         for row in await self.db.tasks_in([S.PREPROCESSING.value, S.TRAINING.value]):
+            killed = 0
             if row["pid"]:
                 killed = await asyncio.to_thread(
                     kill_stale_group, int(row["pid"]), row["pid_start_time"]
                 )
-                if killed:
-                    log.warning("killed %d leftover processes of task %s", killed, row["id"])
+            # Also what escaped the group, or started before its pid was recorded.
+            killed += await asyncio.to_thread(kill_marked, row["id"])
+            if killed:
+                log.warning("killed %d leftover processes of task %s", killed, row["id"])
             stage = Stage(row["stage"]) if row["stage"] else Stage.PREPROCESSING
             message = "Interrupted by server restart; queued to run again"
             await self._requeue_interrupted(row["id"], S(row["status"]), message)
@@ -219,10 +222,10 @@ class TaskManager:
             row = await self.db.get_task(task_id)
         except TaskNotFoundError:
             raise NotFoundError(f"No task with id {task_id}.") from None
-        return await self._to_public(row)
-
-    async def _to_public(self, row: dict[str, Any]) -> TaskPublic:
         position = await self.db.queue_position(row["id"]) if row["queued_for"] else None
+        return self._to_public(row, position)
+
+    def _to_public(self, row: dict[str, Any], position: int | None) -> TaskPublic:
         return TaskPublic(
             task_id=row["id"],
             status=S(row["status"]),
@@ -249,7 +252,8 @@ class TaskManager:
     ) -> tuple[list[TaskPublic], int]:
         """A page of tasks, newest first, and the total that match."""
         rows, total = await self.db.list_tasks([s.value for s in statuses], limit, offset)
-        return [await self._to_public(r) for r in rows], total
+        positions = await self.db.queue_positions() if any(r["queued_for"] for r in rows) else {}
+        return [self._to_public(r, positions.get(r["id"])) for r in rows], total
 
     def running_ids(self, stage: Stage) -> list[str]:
         """Ids of the tasks whose `stage` runs now."""
@@ -575,6 +579,7 @@ class TaskManager:
             if result is None:
                 return
             if task_log is not None:
+                task_log.end_output()
                 task_log.event(
                     f"Stage {stage.value} ended: {result.reason.value}: {result.message}"
                 )

@@ -11,6 +11,8 @@ FFmpeg never guesses a format such as a playlist that would make it open other f
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -142,9 +144,15 @@ def probe(path: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    """CLI entry: probe one file, print JSON, exit 0 (video) or 3 (not usable)."""
+    """CLI entry: probe one file, print JSON, exit 0 (video) or 3 (not usable).
+
+    `--timeout S` ends the probe after S seconds of wall time even if nobody waits for it
+    (the server may have died)."""
+    if len(argv) == 3 and argv[0] == "--timeout":
+        signal.alarm(max(1, math.ceil(float(argv[1]))))
+        argv = argv[2:]
     if len(argv) != 1:
-        print(json.dumps({"error": "usage: video_probe.py FILE"}))
+        print(json.dumps({"error": "usage: video_probe.py [--timeout S] FILE"}))
         return 2
     av.logging.set_level(av.logging.PANIC)
     try:

@@ -72,7 +72,9 @@ class ServerProcess:
 
     def start(self, timeout: float = 30) -> ServerProcess:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("TRAINING_SERVER_")}
-        env = {**inherited, **self.env, "PYTHONUNBUFFERED": "1"}
+        # Quick stand-ins unless a test asks otherwise (it sets FAKE_* before starting).
+        quick = {"FAKE_PIPELINE_SECONDS": "0.5", "FAKE_TRAINER_STEP_SECONDS": "0.004"}
+        env = {**quick, **inherited, **self.env, "PYTHONUNBUFFERED": "1"}
         out = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [

@@ -5,7 +5,7 @@ It accepts run_pipeline.py's command line, prints `@progress` lines in the stage
 COLMAP dataset (`images_undistorted/images/*.jpg`, `images_undistorted/sparse/0/*.bin`, PINHOLE)
 and `preprocess_summary.json`. Its behaviour is chosen by environment variables:
 
-    FAKE_PIPELINE_MODE     ok | fail | crash | hang | spawn | flood | silent | close_stdout
+    FAKE_PIPELINE_MODE     ok | fail | crash | hang | spawn | flood | silent | close_stdout | fill
     FAKE_PIPELINE_SECONDS  how long an `ok` run takes (default 1.0)
     FAKE_PIPELINE_FLOOD_MB how much output `flood` writes (default 200)
 
@@ -136,6 +136,18 @@ def main() -> int:
         os.close(1)
         os.close(2)
         time.sleep(3600)
+    if mode == "fill":  # write frames until the disk is full, as a real run would
+        block = os.urandom(1024 * 1024)
+        try:
+            with (output_dir / "frames.bin").open("wb") as f:
+                while True:
+                    f.write(block)
+                    f.flush()
+        except OSError as exc:
+            print(
+                f"Traceback (most recent call last):\nOSError: {exc}", file=sys.stderr, flush=True
+            )
+            return 1
     if mode == "flood":
         line = ("x" * 199 + "\n").encode()
         block = line * 5000
