@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import training_server_trainer as trainer
 from training_server_db import Database
 from training_server_deps import Manager, Settings, TaskId, require_token
 from training_server_models import (
@@ -202,8 +203,8 @@ def _upload_params(
     min_frames = upload.min_frames or min(settings.default_min_frames, max_frames)
     if min_frames > max_frames:
         raise UnprocessableError("min_frames must not be larger than max_frames")
-    iterations = upload.iterations or (
-        TRAINING_PRESETS[upload.preset] if upload.preset else settings.trainer_iterations
+    iterations = trainer.resolve_iterations(
+        upload.iterations, upload.preset, settings.trainer_iterations
     )
     params = TaskParams(
         max_frames=max_frames,

@@ -11,15 +11,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training_server_trainer import DEFAULT_ITERATIONS, ITERATIONS_MAX, ITERATIONS_MIN, PRESETS
+
 HERE = Path(__file__).resolve().parent
 GIB = 1024**3
 MIB = 1024**2
 
 # Bounds shared by the upload form, the train endpoint and the page.
 FRAMES_MIN, FRAMES_MAX = 3, 2000
-ITERATIONS_MIN, ITERATIONS_MAX = 100, 200_000
-DOWN_SAMPLE_FACTORS = (1, 2, 4, 8)
-TRAINING_PRESETS: dict[str, int] = {"fast": 7_000, "full": 30_000}
+TRAINING_PRESETS = PRESETS
 
 
 class TaskStatus(StrEnum):
@@ -89,7 +89,7 @@ class ServerConfig(BaseSettings):
     trainer_path: Path | None = None
     trainer_python: str = sys.executable
     trainer_config: Path | None = None
-    trainer_iterations: int = Field(30_000, ge=ITERATIONS_MIN, le=ITERATIONS_MAX)
+    trainer_iterations: int = Field(DEFAULT_ITERATIONS, ge=ITERATIONS_MIN, le=ITERATIONS_MAX)
     trainer_extra_args: list[str] = Field(default_factory=list)
     trainer_require_cuda: bool = True
     trainer_check_timeout: float = Field(120, gt=0)

@@ -38,7 +38,7 @@ from training_server_utils import (
     pipeline_progress,
 )
 
-TAIL_IN_ERROR = 15  # output lines quoted in error_message
+TAIL_IN_ERROR = 20  # output lines quoted in error_message
 _STAGE_LINE = re.compile(r"^@(?:progress|error) [^\r\n]*", re.MULTILINE)
 
 

@@ -24,7 +24,6 @@ import training_server_state as state
 import training_server_trainer as trainer
 from training_server_db import Database, TaskNotFoundError
 from training_server_models import (
-    TRAINING_PRESETS,
     CommandHealth,
     ConflictError,
     EndReason,
@@ -409,8 +408,8 @@ class TaskManager:
         )
 
     def _with_training_options(self, params: TaskParams, options: TrainingOptions) -> TaskParams:
-        iterations = options.iterations or (
-            TRAINING_PRESETS[options.preset] if options.preset else params.iterations
+        iterations = trainer.resolve_iterations(
+            options.iterations, options.preset, params.iterations
         )
         return params.model_copy(
             update={
