@@ -145,6 +145,15 @@ def create_app(settings: ServerConfig | None = None) -> FastAPI:
 
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # The page's 3D viewers, from `npm ci` (package.json); the page says so when missing.
+    vendor = {
+        "/vendor/three/build": "three/build",
+        "/vendor/three/addons": "three/examples/jsm",
+        "/vendor/spark": "@sparkjsdev/spark/dist",
+    }
+    for url, folder in vendor.items():
+        if (HERE / "node_modules" / folder).is_dir():
+            app.mount(url, StaticFiles(directory=HERE / "node_modules" / folder), name=url)
     return app
 
 

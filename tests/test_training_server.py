@@ -46,7 +46,7 @@ def test_upload_runs_to_training_completed_with_a_checked_zip(start_server, tmp_
         assert status["params"]["min_frames"] == 10
         assert status["original_filename"] == "tum_office_orbit.mp4"
         assert status["metadata"]["video"]["width"] == 640
-        assert status["metadata"]["preprocessing"]["registered"] == 12
+        assert status["metadata"]["preprocessing"]["frames_registered"] == 12
         training = status["metadata"]["training"]
         assert training["iterations"] == 300
         assert training["gaussian_count"] == 3000

@@ -96,13 +96,14 @@ def write_dataset(output_dir: Path) -> None:
         cv2.imwrite(str(images / name), frame)
         names.append(name)
     points = write_colmap(output_dir / "images_undistorted" / "sparse" / "0", names)
-    summary = {
+    summary = {  # a subset of run_pipeline.py's summary (docs/stage-protocol.md)
+        "summary_version": 1,
         "frames_decoded": FRAMES * 10,
         "frames_kept": FRAMES,
-        "registered": FRAMES,
+        "frames_registered": FRAMES,
         "registered_fraction": 1.0,
         "points3D": points,
-        "mean_reprojection_error": 0.42,
+        "mean_reprojection_error_px": 0.42,
     }
     (output_dir / "preprocess_summary.json").write_text(json.dumps(summary))
 
