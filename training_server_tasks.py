@@ -498,7 +498,8 @@ class TaskManager:
     async def _claim(self, task_id: str, stage: Stage) -> bool:
         row = await self.db.get_task(task_id)
         try:
-            await self._transition(
+            await state.transition(
+                self.db,
                 task_id,
                 state.STAGE_STATUS[stage],
                 expected={S.PENDING if stage == Stage.PREPROCESSING else S.PREPROCESSING_COMPLETED},
@@ -513,8 +514,11 @@ class TaskManager:
             )
         except (state.InvalidTransitionError, TaskNotFoundError):
             return False
+        # Registered before anything else awaits, so cancel() always finds a claimed task.
         task = asyncio.create_task(self._run(task_id, stage), name=f"{stage.value}:{task_id}")
         self._running[task_id] = _Running(stage=stage, task=task)
+        with contextlib.suppress(NotFoundError):
+            await self._publish(task_id)
         return True
 
     # -- running a stage -----------------------------------------------------------------
@@ -622,6 +626,7 @@ class TaskManager:
         finally:
             self._running.pop(task_id, None)
             self._progress.pop(task_id, None)
+            self._pending_stop.pop(task_id, None)
             self._wake.set()
 
     async def _succeeded(self, task_id: str, stage: Stage, fields: dict[str, Any]) -> None:
