@@ -334,7 +334,7 @@ def _add_task_routes(api: APIRouter) -> None:
     @api.get("/status/{task_id}", response_model=TaskPublic)
     async def status(task_id: TaskId, manager: Manager) -> Response:
         """A task's status, progress, queue position, parameters and results."""
-        return _json(await manager.public(task_id))
+        return Response(await manager.public_json(task_id), media_type="application/json")
 
     @api.get("/tasks", response_model=TaskList)
     async def tasks(
@@ -350,7 +350,7 @@ def _add_task_routes(api: APIRouter) -> None:
     @api.get("/tasks/{task_id}", response_model=TaskPublic)
     async def task(task_id: TaskId, manager: Manager) -> Response:
         """The same as /status/{task_id}."""
-        return _json(await manager.public(task_id))
+        return Response(await manager.public_json(task_id), media_type="application/json")
 
     @api.post("/tasks/{task_id}/cancel", response_model=ActionResponse)
     async def cancel(task_id: TaskId, manager: Manager) -> ActionResponse:

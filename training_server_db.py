@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,12 @@ class Database:
     def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
         self._writer = writer
         self._reader = reader
+        # Told the id of every task a write touched (after the write), e.g. to drop caches.
+        self.on_change: Callable[[str], None] | None = None
+
+    def _changed(self, task_id: str) -> None:
+        if self.on_change is not None:
+            self.on_change(task_id)
 
     @classmethod
     async def open(cls, path: Path) -> Database:
@@ -169,6 +175,14 @@ class Database:
         await self._reader.close()
         await self._writer.close()
 
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """All rows of a query on the reader connection, in one round trip."""
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def _read_one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = await self._read(sql, params)
+        return rows[0] if rows else None
+
     async def _write(self, sql: str, params: Sequence[Any]) -> int:
         cursor = await self._writer.execute(sql, params)
         await self._writer.commit()
@@ -183,6 +197,7 @@ class Database:
         values = [_encode(c, row[c]) for c in columns if row[c] is not NEXT_QUEUE_KEY]
         sql = f"INSERT INTO tasks ({', '.join(columns)}) VALUES ({', '.join(slots)})"
         await self._write(sql, values)
+        self._changed(str(row["id"]))
 
     async def guarded_transition(
         self,
@@ -209,6 +224,7 @@ class Database:
         if require_queued is not None:
             sql += f" AND queued_for IS {'NOT ' if require_queued else ''}NULL"
         changed = await self._write(sql, [to_status, *values, task_id, *allowed])
+        self._changed(task_id)
         return changed == 1
 
     async def update_fields(
@@ -224,18 +240,21 @@ class Database:
         if statuses:
             sql += f" AND status IN ({', '.join('?' for _ in statuses)})"
             params += statuses
-        return await self._write(sql, params) == 1
+        changed = await self._write(sql, params) == 1
+        self._changed(task_id)
+        return changed
 
     async def delete_task(self, task_id: str) -> bool:
         """Remove a task's row; returns whether it existed."""
-        return await self._write("DELETE FROM tasks WHERE id = ?", [task_id]) == 1
+        deleted = await self._write("DELETE FROM tasks WHERE id = ?", [task_id]) == 1
+        self._changed(task_id)
+        return deleted
 
     # -- reads ---------------------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
         """The task's row as a dict (JSON columns decoded); TaskNotFoundError if absent."""
-        async with self._reader.execute("SELECT * FROM tasks WHERE id = ?", [task_id]) as cur:
-            row = await cur.fetchone()
+        row = await self._read_one("SELECT * FROM tasks WHERE id = ?", [task_id])
         if row is None:
             raise TaskNotFoundError(task_id)
         return _decode(row)
@@ -249,78 +268,83 @@ class Database:
         if statuses:
             where = f"WHERE status IN ({', '.join('?' for _ in statuses)})"
             params = list(statuses)
-        async with self._reader.execute(f"SELECT COUNT(*) FROM tasks {where}", params) as cur:
-            total_row = await cur.fetchone()
-        async with self._reader.execute(
+        total_row = await self._read_one(f"SELECT COUNT(*) FROM tasks {where}", params)
+        rows = await self._read(
             f"SELECT * FROM tasks {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
             [*params, limit, offset],
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [_decode(r) for r in rows], int(total_row[0]) if total_row else 0
 
     async def queued(self, stage: str, limit: int = -1) -> list[str]:
         """Ids waiting for `stage`, in queue order."""
-        async with self._reader.execute(
-            "SELECT id FROM tasks WHERE queued_for = ? ORDER BY queue_key, seq LIMIT ?",
-            [stage, limit],
-        ) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        return [
+            r[0]
+            for r in await self._read(
+                "SELECT id FROM tasks WHERE queued_for = ? ORDER BY queue_key, seq LIMIT ?",
+                [stage, limit],
+            )
+        ]
 
     async def queue_counts(self) -> dict[str, int]:
         """How many tasks wait for each stage."""
-        async with self._reader.execute(
-            "SELECT queued_for, COUNT(*) FROM tasks WHERE queued_for IS NOT NULL "
-            "GROUP BY queued_for"
-        ) as cur:
-            return {r[0]: int(r[1]) for r in await cur.fetchall()}
+        return {
+            r[0]: int(r[1])
+            for r in await self._read(
+                "SELECT queued_for, COUNT(*) FROM tasks WHERE queued_for IS NOT NULL "
+                "GROUP BY queued_for"
+            )
+        }
 
     async def queue_position(self, task_id: str) -> int | None:
         """1-based place of the task in its stage's queue, or None when not queued."""
-        async with self._reader.execute(
+        row = await self._read_one(
             "SELECT COUNT(*) FROM tasks AS other, tasks AS me WHERE me.id = ? "
             "AND me.queued_for IS NOT NULL AND other.queued_for = me.queued_for "
             "AND (other.queue_key < me.queue_key "
             "OR (other.queue_key = me.queue_key AND other.seq <= me.seq))",
             [task_id],
-        ) as cur:
-            row = await cur.fetchone()
+        )
         count = int(row[0]) if row else 0
         return count or None
 
     async def queue_positions(self) -> dict[str, int]:
         """1-based queue place of every waiting task, in one query."""
-        async with self._reader.execute(
-            "SELECT id, ROW_NUMBER() OVER (PARTITION BY queued_for ORDER BY queue_key, seq) "
-            "FROM tasks WHERE queued_for IS NOT NULL"
-        ) as cur:
-            return {r[0]: int(r[1]) for r in await cur.fetchall()}
+        return {
+            r[0]: int(r[1])
+            for r in await self._read(
+                "SELECT id, ROW_NUMBER() OVER (PARTITION BY queued_for ORDER BY queue_key, seq) "
+                "FROM tasks WHERE queued_for IS NOT NULL"
+            )
+        }
 
     async def tasks_in(self, statuses: Sequence[str]) -> list[dict[str, Any]]:
         """Every task in one of `statuses`, oldest first."""
-        async with self._reader.execute(
-            f"SELECT * FROM tasks WHERE status IN ({', '.join('?' for _ in statuses)}) "
-            "ORDER BY seq",
-            list(statuses),
-        ) as cur:
-            return [_decode(r) for r in await cur.fetchall()]
+        return [
+            _decode(r)
+            for r in await self._read(
+                f"SELECT * FROM tasks WHERE status IN ({', '.join('?' for _ in statuses)}) "
+                "ORDER BY seq",
+                list(statuses),
+            )
+        ]
 
     async def all_ids(self) -> set[str]:
         """Every task id in the store."""
-        async with self._reader.execute("SELECT id FROM tasks") as cur:
-            return {r[0] for r in await cur.fetchall()}
+        return {r[0] for r in await self._read("SELECT id FROM tasks")}
 
     async def expirable(self, finished_before: str, statuses: Sequence[str]) -> list[str]:
         """Ended, unexpired, unqueued tasks whose end is older than `finished_before`."""
-        async with self._reader.execute(
-            "SELECT id FROM tasks WHERE expired_at IS NULL AND queued_for IS NULL "
-            "AND finished_at IS NOT NULL AND finished_at < ? "
-            f"AND status IN ({', '.join('?' for _ in statuses)}) ORDER BY seq",
-            [finished_before, *statuses],
-        ) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        return [
+            r[0]
+            for r in await self._read(
+                "SELECT id FROM tasks WHERE expired_at IS NULL AND queued_for IS NULL "
+                "AND finished_at IS NOT NULL AND finished_at < ? "
+                f"AND status IN ({', '.join('?' for _ in statuses)}) ORDER BY seq",
+                [finished_before, *statuses],
+            )
+        ]
 
     async def integrity_check(self) -> str:
         """SQLite's own verdict on the file ('ok' when sound)."""
-        async with self._reader.execute("PRAGMA integrity_check") as cur:
-            row = await cur.fetchone()
+        row = await self._read_one("PRAGMA integrity_check")
         return str(row[0]) if row else "no answer"

@@ -1,5 +1,6 @@
 """FastAPI dependencies shared by the route modules: settings, the task manager, the API
-token check and the task id path parameter."""
+token check and the task id path parameter. All are `async def`: they do no I/O, and a plain
+`def` dependency costs a worker-thread round trip per request."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from training_server_models import ServerConfig, UnauthorizedError
 from training_server_tasks import TaskManager
 
 
-def get_settings(request: Request) -> ServerConfig:
+async def get_settings(request: Request) -> ServerConfig:
     """The settings the app was created with."""
     return request.app.state.settings
 
 
-def get_manager(request: Request) -> TaskManager:
+async def get_manager(request: Request) -> TaskManager:
     """The app's task manager."""
     return request.app.state.manager
 
@@ -41,7 +42,7 @@ async def require_token(request: Request) -> None:
         )
 
 
-def task_id_path(task_id: uuid.UUID) -> str:
+async def task_id_path(task_id: uuid.UUID) -> str:
     """The task id from the path, validated as a UUID (422 otherwise) and made canonical."""
     return str(task_id)
 

@@ -51,8 +51,20 @@ def _zip_response(files: list[tuple[Path, str]], filename: str) -> StreamingResp
     return StreamingResponse(_iterate(archive), media_type="application/zip", headers=headers)
 
 
-def _iterate(archive: ZipStream) -> Iterator[bytes]:
-    yield from archive
+def _iterate(archive: ZipStream, batch: int = 1024 * 1024) -> Iterator[bytes]:
+    """The archive in pieces of about `batch` bytes: Starlette runs each step of a plain
+    iterator in a worker thread, so zipstream's 64 KiB pieces would cost a thread round trip
+    each (joining them made a 2 GiB download 2.5 times faster in bench/download.py)."""
+    pieces: list[bytes] = []
+    size = 0
+    for piece in archive:
+        pieces.append(piece)
+        size += len(piece)
+        if size >= batch:
+            yield b"".join(pieces)
+            pieces, size = [], 0
+    if pieces:
+        yield b"".join(pieces)
 
 
 @router.get("/download/{task_id}", responses={200: {"content": {"application/zip": {}}}})

@@ -117,6 +117,11 @@ class TaskManager:
         self._loops: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._accepting = False
+        # Serialized status of tasks not waiting in a queue (a queued task's place changes
+        # when others move), dropped on every write to the task.
+        self._status_json: dict[str, bytes] = {}
+        self._writes = 0
+        self.db.on_change = self._forget_status
         self.checkout = trainer.find_trainer_checkout(self.settings.trainer_path, Path.cwd())
         self.preprocess_health = CommandHealth(available=False, detail="not checked yet")
         self.training_health = CommandHealth(available=False, detail="not checked yet")
@@ -223,6 +228,23 @@ class TaskManager:
             raise NotFoundError(f"No task with id {task_id}.") from None
         position = await self.db.queue_position(row["id"]) if row["queued_for"] else None
         return self._to_public(row, position)
+
+    async def public_json(self, task_id: str) -> bytes:
+        """`public(task_id)` as JSON, served from a cache that every write to the task clears
+        (status polling is the busiest request)."""
+        cached = self._status_json.get(task_id)
+        if cached is not None:
+            return cached
+        writes = self._writes
+        task = await self.public(task_id)
+        body = task.model_dump_json().encode()
+        if task.queued_for is None and writes == self._writes:
+            self._status_json[task_id] = body
+        return body
+
+    def _forget_status(self, task_id: str) -> None:
+        self._writes += 1
+        self._status_json.pop(task_id, None)
 
     def _to_public(self, row: dict[str, Any], position: int | None) -> TaskPublic:
         return TaskPublic(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiofiles
+from aiofiles.threadpool.binary import AsyncBufferedIOBase
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
@@ -83,7 +84,9 @@ class _PartCollector:
         self.filename: str | None = None
         self.value = bytearray()
         self.fields: dict[str, str] = {}
-        self.file_bytes = bytearray()
+        # The file's data not written yet: views into the received chunks (no copy).
+        self.file_chunks: list[memoryview | bytes] = []
+        self.file_pending = 0
         self.parts = 0
 
     def callbacks(self) -> dict[str, object]:
@@ -133,7 +136,12 @@ class _PartCollector:
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.is_file:
-            self.file_bytes += memoryview(data)[start:end]
+            # The request's chunks are immutable bytes: keep views into them, not copies.
+            if isinstance(data, bytes):
+                self.file_chunks.append(memoryview(data)[start:end])
+            else:
+                self.file_chunks.append(bytes(data[start:end]))
+            self.file_pending += end - start
         else:
             self.value += data[start:end]
             if len(self.value) > MAX_FIELD_BYTES:
@@ -190,7 +198,7 @@ async def receive_upload(
         raise BadRequestError(f"Bad multipart boundary: {exc}") from None
     result = ReceivedUpload(path=target)
 
-    async def _receive_into(out: aiofiles.threadpool.binary.AsyncBufferedIOBase) -> None:
+    async def _receive_into(out: AsyncBufferedIOBase) -> None:
         received = 0
         next_disk_check = DISK_CHECK_EVERY
         try:
@@ -202,19 +210,19 @@ async def receive_upload(
                     parser.write(chunk)
                 except MultipartParseError as exc:
                     raise BadRequestError(f"The multipart body is malformed: {exc}") from None
-                if result.size + len(collector.file_bytes) > max_bytes:
+                if result.size + collector.file_pending > max_bytes:
                     raise too_large
-                if len(collector.file_bytes) >= WRITE_BUFFER or (
-                    collector.file_done and collector.file_bytes
+                if collector.file_pending >= WRITE_BUFFER or (
+                    collector.file_done and collector.file_pending
                 ):
-                    result.size += await _flush(out, collector.file_bytes)
+                    result.size += await _flush(out, collector)
                     if result.size >= next_disk_check:
                         next_disk_check += DISK_CHECK_EVERY
                         check_free_disk(target.parent, 0, min_free_bytes)
         except ClientDisconnect:
             raise ClientGoneError from None
-        if collector.file_bytes:
-            result.size += await _flush(out, collector.file_bytes)
+        if collector.file_pending:
+            result.size += await _flush(out, collector)
 
     try:
         async with aiofiles.open(target, "wb") as out:
@@ -236,8 +244,9 @@ async def receive_upload(
     return result
 
 
-async def _flush(out: aiofiles.threadpool.binary.AsyncBufferedIOBase, buffer: bytearray) -> int:
-    size = len(buffer)
-    await out.write(buffer)
-    buffer.clear()
+async def _flush(out: AsyncBufferedIOBase, collector: _PartCollector) -> int:
+    """Write the file's pending chunks (one worker-thread hop); returns the bytes written."""
+    chunks, size = collector.file_chunks, collector.file_pending
+    collector.file_chunks, collector.file_pending = [], 0
+    await out.writelines(chunks)
     return size
