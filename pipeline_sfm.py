@@ -1,0 +1,502 @@
+"""Structure-from-Motion steps of run_pipeline.py, on pycolmap.
+
+Feature extraction, matching (sequential video pairs plus offline loop closure), mapping,
+model choice, camera-path checks and undistortion into the trainer's layout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycolmap
+
+ProgressFn = Callable[[int, int | None], None]
+
+POLL_SECONDS = 0.5
+PROGRESS_STEPS = 20  # pycolmap calls per stage, to report progress between them
+# Frames at or below this many pixels are upsampled for SIFT (first octave -1): cheap for small
+# frames, and without it 640×480 video yields too few features.
+UPSAMPLE_MAX_PIXELS = 500_000
+MODEL_FILES = ("cameras.bin", "images.bin", "points3D.bin")
+
+
+@dataclass
+class SfmOptions:
+    """Settings of the camera-tracking stages."""
+
+    matcher: str = "sequential"
+    mapper: str = "incremental"
+    max_image_size: int = 1280
+    max_features: int = 4096
+    first_octave: int | None = None  # None: chosen from the frame size
+    num_threads: int = -1
+    camera_model: str = "SIMPLE_RADIAL"
+    overlap: int = 5
+    loop_closure: bool = True
+    seed: int = 0
+
+
+def configure_logging(verbose: bool) -> None:
+    """Send COLMAP's log to stderr only (no glog files in the temp folder), warnings and up
+    unless `verbose`."""
+    pycolmap.logging.logtostderr = True
+    pycolmap.logging.stderrthreshold = 0
+    pycolmap.logging.minloglevel = 0 if verbose else 1
+    pycolmap.logging.verbose_level = 0
+
+
+def run_polled(
+    work: Callable[[], Any], poll: Callable[[], int], total: int, progress: ProgressFn
+) -> Any:
+    """Run a long pycolmap call in a thread (it releases the GIL) while reporting
+    `poll()` of `total` as progress; `poll` must not touch what the call is writing through
+    SQLite (counting files is fine)."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = work()
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    progress(0, total)
+    thread = threading.Thread(target=target, name="pycolmap", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(POLL_SECONDS)
+        progress(min(poll(), total), total)
+    if "error" in result:
+        raise result["error"]
+    progress(total, total)
+    return result.get("value")
+
+
+def first_octave_for(width: int, height: int, opts: SfmOptions) -> int:
+    """SIFT first octave: upsample small frames, not large ones (4× the work)."""
+    if opts.first_octave is not None:
+        return opts.first_octave
+    scale = 1.0
+    if opts.max_image_size > 0:
+        scale = min(1.0, opts.max_image_size / max(width, height))
+    return -1 if width * height * scale * scale <= UPSAMPLE_MAX_PIXELS else 0
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[k : k + size] for k in range(0, len(items), size)]
+
+
+def _threads(opts: SfmOptions) -> int:
+    return opts.num_threads if opts.num_threads > 0 else os.cpu_count() or 1
+
+
+def extract_features(
+    db: Path,
+    image_dir: Path,
+    names: list[str],
+    size: tuple[int, int],
+    opts: SfmOptions,
+    progress: ProgressFn,
+) -> None:
+    """SIFT features of every frame, all frames sharing one camera."""
+    reader = pycolmap.ImageReaderOptions()
+    reader.camera_model = opts.camera_model
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.num_threads = opts.num_threads
+    extraction.max_image_size = opts.max_image_size
+    extraction.sift.max_num_features = opts.max_features
+    extraction.sift.first_octave = first_octave_for(*size, opts)
+    pycolmap.Database.open(db).close()
+    # Import first so that every chunk below finds its frames with the one shared camera.
+    pycolmap.import_images(
+        db, image_dir, camera_mode=pycolmap.CameraMode.SINGLE, image_names=names, options=reader
+    )
+    progress(0, len(names))
+    done = 0
+    # In chunks, for progress: COLMAP's database must not be read while it writes (another
+    # SQLite copy in this process would break its locks), so progress comes between calls.
+    chunk_size = max(2 * _threads(opts), math.ceil(len(names) / PROGRESS_STEPS))
+    for chunk in _chunks(names, chunk_size):
+        pycolmap.extract_features(
+            db,
+            image_dir,
+            image_names=chunk,
+            camera_mode=pycolmap.CameraMode.SINGLE,
+            reader_options=reader,
+            extraction_options=extraction,
+        )
+        done += len(chunk)
+        progress(done, len(names))
+
+
+def sequential_pairs(n: int, overlap: int) -> set[tuple[int, int]]:
+    """Pairs of frame positions: every neighbour up to `overlap` apart, plus those 2^k apart
+    beyond (the union of COLMAP's linear and quadratic sequential pairing)."""
+    pairs = set()
+    for i in range(n):
+        for d in range(1, overlap + 1):
+            if i + d < n:
+                pairs.add((i, i + d))
+        d = 2 ** (overlap.bit_length())
+        while i + d < n and d > overlap:
+            pairs.add((i, i + d))
+            d *= 2
+    return pairs
+
+
+def loop_pairs(
+    thumbs: np.ndarray, overlap: int, per_frame: int = 2, min_similarity: float = 0.6
+) -> set[tuple[int, int]]:
+    """Offline loop-closure candidates: frames far apart in time whose thumbnails look alike
+    (normalised cross-correlation); matching verifies them."""
+    n = len(thumbs)
+    if n < 2 * overlap + 2:
+        return set()
+    flat = thumbs.reshape(n, -1).astype(np.float32)
+    flat -= flat.mean(axis=1, keepdims=True)
+    flat /= np.linalg.norm(flat, axis=1, keepdims=True) + 1e-6
+    sim = flat @ flat.T
+    idx = np.arange(n)
+    sim[np.abs(idx[:, None] - idx[None, :]) <= 2 * overlap] = -1
+    pairs = set()
+    for i in range(n):
+        for j in np.argsort(-sim[i])[:per_frame]:
+            if sim[i, j] >= min_similarity:
+                pairs.add((min(i, int(j)), max(i, int(j))))
+    return pairs
+
+
+def all_pairs(n: int) -> set[tuple[int, int]]:
+    """Every pair of n frames (exhaustive matching)."""
+    return {(i, j) for i in range(n) for j in range(i + 1, n)}
+
+
+def match_features(
+    db: Path,
+    names: list[str],
+    pairs: set[tuple[int, int]],
+    work_dir: Path,
+    opts: SfmOptions,
+    progress: ProgressFn,
+) -> int:
+    """Match and geometrically verify the given pairs of frame positions; returns their
+    number. The full list is kept in work_dir/pairs.txt."""
+    matching = pycolmap.FeatureMatchingOptions()
+    matching.num_threads = opts.num_threads
+    ordered = sorted(pairs)
+    lines = [f"{names[i]} {names[j]}\n" for i, j in ordered]
+    with (work_dir / "pairs.txt").open("a") as f:
+        f.writelines(lines)
+    chunk_file = work_dir / "pairs_chunk.txt"
+    progress(0, len(lines))
+    done = 0
+    for chunk in _chunks(lines, max(50, math.ceil(len(lines) / PROGRESS_STEPS))):
+        chunk_file.write_text("".join(chunk))
+        imported = pycolmap.ImportedPairingOptions()
+        imported.match_list_path = str(chunk_file)
+        pycolmap.match_image_pairs(db, matching_options=matching, pairing_options=imported)
+        done += len(chunk)
+        progress(done, len(lines))
+    chunk_file.unlink(missing_ok=True)
+    return len(lines)
+
+
+@dataclass
+class PairStats:
+    """How well neighbouring frames matched."""
+
+    neighbours: int
+    neighbours_verified: int
+    verified_pairs: int
+    median_inliers: float
+    rotation_only_fraction: float
+
+
+def pair_stats(db: Path, names: list[str], min_inliers: int = 30) -> PairStats:
+    """Matching outcome, used to explain a failed reconstruction."""
+    database = pycolmap.Database.open(db)
+    try:
+        ids = {im.image_id: im.name for im in database.read_all_images()}
+        pair_ids, geometries = database.read_two_view_geometries()
+    finally:
+        database.close()
+    order = {name: k for k, name in enumerate(names)}
+    neighbours_ok = 0
+    inliers: list[int] = []
+    rotation_only = 0
+    panoramic = {
+        pycolmap.TwoViewGeometryConfiguration.PANORAMIC,
+        pycolmap.TwoViewGeometryConfiguration.PLANAR_OR_PANORAMIC,
+    }
+    for pair_id, geom in zip(pair_ids, geometries, strict=True):
+        count = len(geom.inlier_matches)
+        if count < min_inliers:
+            continue
+        inliers.append(count)
+        rotation_only += geom.config in panoramic
+        a, b = pycolmap.pair_id_to_image_pair(pair_id)
+        ka, kb = order.get(ids.get(a, ""), -9), order.get(ids.get(b, ""), -9)
+        neighbours_ok += abs(ka - kb) == 1
+    return PairStats(
+        neighbours=max(len(names) - 1, 0),
+        neighbours_verified=neighbours_ok,
+        verified_pairs=len(inliers),
+        median_inliers=float(np.median(inliers)) if inliers else 0.0,
+        rotation_only_fraction=rotation_only / len(inliers) if inliers else 0.0,
+    )
+
+
+def run_mapping(
+    db: Path,
+    image_dir: Path,
+    out_dir: Path,
+    n_images: int,
+    required: int,
+    opts: SfmOptions,
+    progress: ProgressFn,
+) -> list[pycolmap.Reconstruction]:
+    """Reconstruct camera poses and points; models sorted best first (most registered).
+
+    The incremental mapper stops as soon as the outcome is decided: once a finished model has
+    `required` frames and at least half of them (no later model can be larger), or after
+    MAX_FAILED_ATTEMPTS starts that did not reach `required` (the video cannot pass the gate).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pycolmap.set_random_seed(opts.seed)
+    progress(0, n_images)
+    if opts.mapper == "global":
+        options = pycolmap.GlobalPipelineOptions()
+        options.num_threads = opts.num_threads
+        options.random_seed = opts.seed
+        options.mapper.track_required_tracks_per_view = 1000
+        models = list(pycolmap.global_mapping(db, image_dir, out_dir, options).values())
+    else:
+        models = _incremental(db, image_dir, n_images, required, opts, progress)
+        for k, model in enumerate(models):
+            (out_dir / str(k)).mkdir()
+            model.write(out_dir / str(k))
+    ranked = sorted(models, key=lambda r: (r.num_reg_images(), r.num_points3D()), reverse=True)
+    progress(ranked[0].num_reg_images() if ranked else 0, n_images)
+    return ranked
+
+
+MAX_FAILED_ATTEMPTS = 8
+
+
+def _incremental(
+    db: Path, image_dir: Path, n_images: int, required: int, opts: SfmOptions, progress: ProgressFn
+) -> list[pycolmap.Reconstruction]:
+    options = pycolmap.IncrementalPipelineOptions()
+    options.num_threads = opts.num_threads
+    options.random_seed = opts.seed
+    options.image_path = str(image_dir)  # point colours come from the frames
+    options.mapper.ba_global_ignore_redundant_points3D = True
+    # Keep observations within 2 px (COLMAP: 4). Measured on the synthetic orbit: mean
+    # reprojection error 0.51 -> 0.42 px, camera centres closer to the truth (max 0.088 ->
+    # 0.067 % of the radius), 6 % more points; the office video keeps all its points. The
+    # triangulation thresholds must match, or points are made and filtered again and again
+    # (mapping 2.5 times slower).
+    options.mapper.filter_max_reproj_error = 2.0
+    options.triangulation.complete_max_reproj_error = 2.0
+    options.triangulation.merge_max_reproj_error = 2.0
+    database = pycolmap.Database.open(db)
+    manager = pycolmap.ReconstructionManager()
+    pipeline = pycolmap.IncrementalPipeline(options, database, manager)
+    state = {"attempts": 0, "current": 0, "best": 0}
+
+    def stop() -> None:
+        # The pipeline reads its (shared) options as it goes: a runtime limit that has already
+        # passed ends it cleanly after the current step, keeping the models built so far.
+        options.max_runtime_seconds = 1
+
+    def check() -> None:
+        state["best"] = max(state["best"], state["current"])
+        decided = state["best"] >= required and 2 * state["best"] >= n_images
+        hopeless = state["attempts"] >= MAX_FAILED_ATTEMPTS and state["best"] < required
+        if decided or hopeless:
+            stop()
+
+    def on_start() -> None:
+        check()  # the previous attempt may have ended without a last-image callback
+        state["attempts"] += 1
+        state["current"] = 2
+        progress(2, n_images)
+
+    def on_image() -> None:
+        state["current"] += 1
+        progress(min(state["current"], n_images), n_images)
+
+    callbacks = pycolmap.IncrementalPipelineCallback
+    pipeline.add_callback(callbacks.INITIAL_IMAGE_PAIR_REG_CALLBACK, on_start)
+    pipeline.add_callback(callbacks.NEXT_IMAGE_REG_CALLBACK, on_image)
+    pipeline.add_callback(callbacks.LAST_IMAGE_REG_CALLBACK, check)
+    try:
+        pipeline.run()
+    finally:
+        database.close()
+    return [manager.get(k) for k in range(manager.size())]
+
+
+@dataclass
+class PathCheck:
+    """How consistent a model's camera path is with the order of the video's frames."""
+
+    jump_ratio: float  # largest step over the median step around it
+    weakest_link: int  # fewest 3D points seen on both sides of a cut between neighbours
+    weakest_link_ratio: float  # that over the median cut
+
+    def suspicious(
+        self, max_jump: float, min_link_ratio: float = 0.1, min_link_points: int = 15
+    ) -> bool:
+        """Whether the model looks like a block of frames placed in the wrong spot."""
+        weak = self.weakest_link_ratio < min_link_ratio or self.weakest_link < min_link_points
+        return max_jump > 0 and (self.jump_ratio > max_jump or weak)
+
+
+def jump_ratio(centres: list[np.ndarray | None], window: int = 5) -> float:
+    """Largest step between neighbouring registered frames (per frame of gap) relative to the
+    median step around it. A video's camera path is smooth; a misplaced block jumps."""
+    reg = [(k, c) for k, c in enumerate(centres) if c is not None]
+    if len(reg) < 4:
+        return 0.0
+    steps = np.array(
+        [np.linalg.norm(b[1] - a[1]) / (b[0] - a[0]) for a, b in itertools.pairwise(reg)]
+    )
+    worst = 0.0
+    for k, step in enumerate(steps):
+        lo, hi = max(0, k - window), min(len(steps), k + window + 1)
+        around = np.delete(steps[lo:hi], k - lo)
+        ref = float(np.median(around)) if len(around) else 0.0
+        if ref > 0:
+            worst = max(worst, float(step) / ref)
+    return worst
+
+
+def weakest_link(tracks: list[tuple[int, int]], registered: list[int]) -> tuple[int, float]:
+    """Fewest points whose track spans a cut between neighbouring registered frames, and that
+    over the median cut. `tracks` holds each point's first and last frame position. Frames
+    placed wrongly as a block share almost no points with the rest: a weak link."""
+    order = sorted(registered)
+    if len(order) < 3:
+        return 0, 1.0
+    diff = np.zeros(max(order) + 2)
+    for first, last in tracks:
+        diff[first] += 1
+        diff[last] -= 1
+    spanning = np.cumsum(diff)
+    cuts = np.array([spanning[a] for a in order[:-1]])
+    median = float(np.median(cuts))
+    return int(cuts.min()), float(cuts.min() / median) if median > 0 else 0.0
+
+
+def check_path(model: pycolmap.Reconstruction, names: list[str]) -> PathCheck:
+    """Path consistency of a model whose images are the named frames, in video order."""
+    position = {name: k for k, name in enumerate(names)}
+    image_pos = {im.image_id: position[im.name] for im in model.images.values() if im.has_pose}
+    centres: list[np.ndarray | None] = [None] * len(names)
+    for im in model.images.values():
+        if im.has_pose:
+            centres[position[im.name]] = im.projection_center()
+    tracks = []
+    for point in model.points3D.values():
+        ks = [image_pos[e.image_id] for e in point.track.elements if e.image_id in image_pos]
+        if ks:
+            tracks.append((min(ks), max(ks)))
+    link, link_ratio = weakest_link(tracks, list(image_pos.values()))
+    return PathCheck(jump_ratio(centres), link, link_ratio)
+
+
+def camera_info(camera: pycolmap.Camera) -> dict[str, Any]:
+    """Model, size and named parameters of a camera."""
+    names = camera.params_info.split(", ")
+    params = {n: round(float(p), 6) for n, p in zip(names, camera.params, strict=True)}
+    return {"model": camera.model_name, "width": camera.width, "height": camera.height, **params}
+
+
+def model_stats(model: pycolmap.Reconstruction) -> dict[str, Any]:
+    """Registration numbers and the camera of a reconstruction."""
+    return {
+        "frames_registered": model.num_reg_images(),
+        "points3D": model.num_points3D(),
+        "mean_reprojection_error_px": round(float(model.compute_mean_reprojection_error()), 4),
+        "mean_track_length": round(float(model.compute_mean_track_length()), 3),
+        "camera_distorted": camera_info(next(iter(model.cameras.values()))),
+    }
+
+
+def _dataset_camera(out_dir: Path) -> dict[str, Any]:
+    model = pycolmap.Reconstruction(out_dir / "sparse" / "0")
+    return camera_info(next(iter(model.cameras.values())))
+
+
+def undistort(
+    model_dir: Path,
+    image_dir: Path,
+    out_dir: Path,
+    n_images: int,
+    opts: SfmOptions,
+    progress: ProgressFn,
+) -> dict[str, Any]:
+    """Undistort to PINHOLE into out_dir/{images,sparse/0} (classic cameras/images/points3D.bin
+    only); returns the undistorted camera."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    images_out = out_dir / "images"
+    run_polled(
+        lambda: pycolmap.undistort_images(
+            out_dir,
+            model_dir,
+            image_dir,
+            output_type="COLMAP",
+            jpeg_quality=95,
+            num_threads=opts.num_threads,
+        ),
+        lambda: sum(1 for _ in images_out.iterdir()) if images_out.is_dir() else 0,
+        n_images,
+        progress,
+    )
+    _keep_only_model(out_dir, out_dir / "sparse")
+    return _dataset_camera(out_dir)
+
+
+def copy_distorted(
+    model_dir: Path, image_dir: Path, out_dir: Path, names: list[str], progress: ProgressFn
+) -> dict[str, Any]:
+    """The --skip_undistortion layout: registered frames and the model as they are."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    (out_dir / "images").mkdir(parents=True)
+    registered = {im.name for im in pycolmap.Reconstruction(model_dir).images.values()}
+    kept = [n for n in names if n in registered]
+    for k, name in enumerate(kept, 1):
+        shutil.copy2(image_dir / name, out_dir / "images" / name)
+        progress(k, len(kept))
+    (out_dir / "sparse").mkdir()
+    for f in MODEL_FILES:
+        shutil.copy2(model_dir / f, out_dir / "sparse" / f)
+    _keep_only_model(out_dir, out_dir / "sparse")
+    return _dataset_camera(out_dir)
+
+
+def _keep_only_model(out_dir: Path, flat: Path) -> None:
+    """Move the three classic model files into sparse/0 and drop everything else COLMAP wrote."""
+    target = out_dir / "sparse" / "0"
+    staging = out_dir / "sparse_0"
+    staging.mkdir()
+    for f in MODEL_FILES:
+        (flat / f).replace(staging / f)
+    shutil.rmtree(flat)
+    target.parent.mkdir()
+    staging.replace(target)
+    for extra in out_dir.iterdir():
+        if extra.name not in ("images", "sparse"):
+            shutil.rmtree(extra) if extra.is_dir() else extra.unlink()

@@ -1,0 +1,558 @@
+#!/usr/bin/env python
+"""Turn a video into a COLMAP dataset for Gaussian Splatting training.
+
+Stages: decode the video, select sharp and well-spread frames, extract SIFT features, match
+them, reconstruct the camera path with pycolmap, check the result, undistort to PINHOLE.
+Writes {output_dir}/images_undistorted/{images,sparse/0} and
+{output_dir}/preprocess_summary.json; intermediate data goes to {output_dir}/frames and
+{output_dir}/colmap.
+
+Talks to the server through stdout (docs/stage-protocol.md): `@progress {json}` lines while it
+runs and one `@error {json}` line when it fails on purpose. Exit codes: 0 success, 1
+unexpected error, 2 bad command line, 3 unusable video, 4 quality gate refused the result.
+Everything else (our log, COLMAP's log) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 3
+EXIT_QUALITY_GATE = 4
+
+STAGES = {
+    "decode": "Decoding video",
+    "select": "Selecting frames",
+    "features": "Feature extraction",
+    "matching": "Feature matching",
+    "mapping": "Camera tracking",
+    "undistort": "Undistorting images",
+}
+SUMMARY_NAME = "preprocess_summary.json"
+DATASET_DIR = "images_undistorted"
+WORK_DIRS = ("frames", "colmap", DATASET_DIR)
+SUMMARY_VERSION = 1
+# Decoding keeps the sharpest frame of each stretch of the video as a candidate, this many per
+# frame wanted: selection then needs no second decoding pass.
+CANDIDATES_PER_FRAME = 3
+
+
+class Reporter:
+    """Writes the machine-readable protocol lines and the human log."""
+
+    def __init__(self, protocol: TextIO, log: TextIO, min_interval: float = 0.25) -> None:
+        self.protocol = protocol
+        self.log_stream = log
+        self.min_interval = min_interval
+        self._last: dict[str, tuple[float, int, int | None]] = {}
+
+    def _emit(self, tag: str, payload: dict[str, Any]) -> None:
+        self.protocol.write(f"@{tag} {json.dumps(payload, separators=(', ', ': '))}\n")
+        self.protocol.flush()
+
+    def progress(self, stage: str, current: int, total: int | None) -> None:
+        """Report `current` of `total` for a stage: at most a few times a second, but always
+        the first report and the one that reaches the total."""
+        now = time.monotonic()
+        last = self._last.get(stage)
+        if last is not None:
+            if stage == "mapping":  # a new mapping attempt restarts its count; stay monotone
+                current = max(current, last[1])
+            final = total is not None and current >= total
+            if (current, total) == last[1:] or (now - last[0] < self.min_interval and not final):
+                return
+        self._last[stage] = (now, current, total)
+        self._emit(
+            "progress", {"stage": stage, "label": STAGES[stage], "current": current, "total": total}
+        )
+
+    def restart(self, *stages: str) -> None:
+        """Forget what was reported for stages that run again (the safer retry)."""
+        for stage in stages:
+            self._last.pop(stage, None)
+
+    def error(self, code: str, message: str) -> None:
+        """The one message a user should read; printed just before exiting non-zero."""
+        self._emit("error", {"code": code, "message": message})
+        self.log(f"error: {message}")
+
+    def log(self, message: str) -> None:
+        """A line for the task log."""
+        self.log_stream.write(f"[run_pipeline] {message}\n")
+        self.log_stream.flush()
+
+
+class GateError(Exception):
+    """The reconstruction was refused by the quality gate."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; the server passes the first four options."""
+    p = argparse.ArgumentParser(
+        description="Turn a video into a COLMAP dataset (undistorted PINHOLE images and a "
+        "sparse model) for Gaussian Splatting training, using pip packages only.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--video_path", type=Path, required=True, help="the input video file")
+    p.add_argument(
+        "--output_dir",
+        type=Path,
+        required=True,
+        help=f"task folder; results go to {DATASET_DIR}/ and {SUMMARY_NAME}, "
+        "intermediate data to frames/ and colmap/ (all overwritten)",
+    )
+    p.add_argument(
+        "--max_frames", type=int, default=100, help="most frames to keep for reconstruction"
+    )
+    p.add_argument(
+        "--min_frames",
+        type=int,
+        default=20,
+        help="fewest frames to keep (a video with fewer usable frames keeps them all)",
+    )
+    p.add_argument(
+        "--skip_undistortion",
+        action="store_true",
+        help="copy the frames and model as they are instead of undistorting them "
+        "(the trainer reads only PINHOLE / SIMPLE_PINHOLE: use with --camera_model "
+        "PINHOLE or SIMPLE_PINHOLE)",
+    )
+    g = p.add_argument_group("camera tracking")
+    g.add_argument(
+        "--matcher",
+        choices=("sequential", "exhaustive"),
+        default="sequential",
+        help="sequential: each frame with its neighbours in time plus loop-closure "
+        "candidates (fast, for video); exhaustive: every pair (slow, most robust)",
+    )
+    g.add_argument(
+        "--mapper",
+        choices=("incremental", "global"),
+        default="incremental",
+        help="incremental: COLMAP's classic mapper; global: GLOMAP-style global "
+        "mapper (similar speed on video, less robust in our measurements)",
+    )
+    g.add_argument(
+        "--max_image_size",
+        type=int,
+        default=1280,
+        help="frames are scaled down to this longest side for feature extraction",
+    )
+    g.add_argument("--max_features", type=int, default=4096, help="SIFT features per frame")
+    g.add_argument(
+        "--first_octave",
+        type=int,
+        choices=(-1, 0),
+        default=None,
+        help="SIFT first octave: -1 upsamples frames (more features, 4x slower); "
+        "default: -1 for frames up to 0.5 megapixels, else 0",
+    )
+    g.add_argument(
+        "--camera_model",
+        default="SIMPLE_RADIAL",
+        choices=("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"),
+        help="lens model estimated for the video's (single, shared) camera",
+    )
+    g.add_argument(
+        "--overlap",
+        type=int,
+        default=5,
+        help="sequential matching: each frame is matched with the next OVERLAP frames and "
+        "with those 8, 16, 32, ... frames later",
+    )
+    g.add_argument(
+        "--loop_closure",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sequential matching: also match frames that look alike far apart in "
+        "time (offline, no vocabulary tree)",
+    )
+    g.add_argument("--num_threads", type=int, default=-1, help="CPU threads (-1: all cores)")
+    g.add_argument("--seed", type=int, default=0, help="random seed, for repeatable runs")
+    q = p.add_argument_group("quality gate")
+    q.add_argument(
+        "--min_registered", type=int, default=10, help="fail when fewer frames get a camera pose"
+    )
+    q.add_argument(
+        "--min_registered_fraction",
+        type=float,
+        default=0.5,
+        help="fail when a smaller fraction of the kept frames gets a camera pose",
+    )
+    q.add_argument(
+        "--min_points", type=int, default=500, help="fail when the model has fewer 3D points"
+    )
+    q.add_argument(
+        "--max_path_jump",
+        type=float,
+        default=10.0,
+        help="a step of the camera path this many times longer than the steps around it, "
+        "or a cut between neighbouring frames that fewer than 10%% of the usual 3D points "
+        "cross, means a misplaced block of frames: retry with exhaustive matching, then fail "
+        "if it still jumps (0 disables these checks)",
+    )
+    p.add_argument("--verbose", action="store_true", help="show COLMAP's detailed log")
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject inconsistent options the way argparse does (exit code 2)."""
+    if args.min_frames < 2:
+        parser.error("--min_frames must be at least 2")
+    if args.max_frames < args.min_frames:
+        parser.error("--max_frames must be at least --min_frames")
+    if not 0 <= args.min_registered_fraction <= 1:
+        parser.error("--min_registered_fraction must be between 0 and 1")
+    if args.min_registered < 2:
+        parser.error("--min_registered must be at least 2")
+
+
+def clean_outputs(output_dir: Path, video: Path) -> None:
+    """Remove what an earlier attempt left (never the uploaded video or anything else)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in (SUMMARY_NAME, *WORK_DIRS):
+        path = output_dir / name
+        if path.exists() and video.exists():
+            target, upload = path.resolve(), video.resolve()
+            if target == upload or target in upload.parents:
+                continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def explain_failure(registered: int, kept: int, n_models: int, pairs: Any) -> str:
+    """A user-facing sentence on why few frames could be placed, from the matching evidence."""
+    head = f"Only {registered} of {kept} frames could be placed in one 3D model"
+    advice = "Walk slowly around a still, textured subject while filming, keeping it in view."
+    if pairs.neighbours and pairs.neighbours_verified < 0.5 * pairs.neighbours:
+        return (
+            f"{head}: neighbouring frames share too few recognisable features "
+            f"({pairs.neighbours_verified} of {pairs.neighbours} neighbouring pairs matched; "
+            f"fast motion, blur, or plain, shiny or dark surfaces). {advice}"
+        )
+    if pairs.rotation_only_fraction > 0.5:
+        return (
+            f"{head}: the camera hardly moves (it stays in place or only turns on the spot), "
+            f"so depth cannot be measured. {advice}"
+        )
+    pieces = f" (they fall into {n_models} separate pieces)" if n_models > 1 else ""
+    return (
+        f"{head}: the camera hardly moves around the subject, or the subject itself moves, so "
+        f"the frames do not show one still scene from different viewpoints{pieces}. {advice}"
+    )
+
+
+def quality_gate(
+    args: argparse.Namespace, stats: dict[str, Any], kept: int, n_models: int, pairs: Any
+) -> None:
+    """Refuse reconstructions too poor to train on, with a message saying what to do."""
+    registered = stats["frames_registered"]
+    if registered < args.min_registered or registered < args.min_registered_fraction * kept:
+        raise GateError("too_few_registered", explain_failure(registered, kept, n_models, pairs))
+    if stats["points3D"] < args.min_points:
+        raise GateError(
+            "too_few_points",
+            f"The camera path was found ({registered} of {kept} frames) but only "
+            f"{stats['points3D']} 3D points (at least {args.min_points} are needed): the scene "
+            "has too little texture. Film a textured subject in good light.",
+        )
+
+
+class StageClock:
+    """Wall-clock and CPU seconds (all threads) spent in each stage."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[stage] = self.wall.get(stage, 0.0) + time.perf_counter() - wall
+            self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
+
+
+def sfm_options(args: argparse.Namespace) -> Any:
+    """The camera-tracking settings from the command line."""
+    import pipeline_sfm as sfm  # heavy imports only once the command line is valid
+
+    return sfm.SfmOptions(
+        matcher=args.matcher,
+        mapper=args.mapper,
+        max_image_size=args.max_image_size,
+        max_features=args.max_features,
+        first_octave=args.first_octave,
+        num_threads=args.num_threads,
+        camera_model=args.camera_model,
+        overlap=args.overlap,
+        loop_closure=args.loop_closure,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
+    """All stages; returns the summary. Raises PipelineError / GateError for user failures."""
+    import pipeline_frames as frames
+    import pipeline_sfm as sfm
+
+    started = time.perf_counter()
+    out = args.output_dir
+    clean_outputs(out, args.video_path)
+    frames_dir, colmap_dir, dataset = out / "frames", out / "colmap", out / DATASET_DIR
+    colmap_dir.mkdir(parents=True)
+    sfm.configure_logging(args.verbose)
+    opts = sfm_options(args)
+    clock = StageClock()
+    warnings: list[str] = []
+
+    def progress(stage: str) -> frames.ProgressFn:
+        return lambda current, total: rep.progress(stage, current, total)
+
+    # 1. Frames
+    with clock("decode"):
+        info, scan = frames.scan_video(
+            args.video_path, frames_dir, CANDIDATES_PER_FRAME * args.max_frames, progress("decode")
+        )
+    rep.log(
+        f"decoded {info.frames_decoded} frames ({info.width}x{info.height}, {info.codec} "
+        f"{info.pix_fmt}, rotation {info.rotation}, {info.duration_s:.1f} s) "
+        f"in {clock.wall['decode']:.1f} s"
+    )
+    if info.decode_warning:
+        warnings.append(info.decode_warning)
+        rep.log(f"warning: {info.decode_warning}")
+    if info.frames_decoded < args.min_registered:
+        raise frames.PipelineError(
+            "too_few_frames",
+            f"The video has only {info.frames_decoded} frames; at least {args.min_registered} "
+            "are needed. Record a longer video (10 to 60 seconds) moving slowly around the "
+            "subject.",
+        )
+    with clock("select"):
+        selection = frames.select_frames(scan, args.min_frames, args.max_frames)
+        names = frames.keep_frames(frames_dir, scan, selection, progress("select"))
+    frames.save_selection(frames_dir / "selection.json", scan, selection)
+    rep.log(
+        f"kept {len(names)} frames (target {selection.target}, dropped "
+        f"{selection.dropped_blurred} blurred, {selection.dropped_duplicates} duplicates) "
+        f"in {clock.wall['select']:.1f} s"
+    )
+    if len(names) < args.min_registered:
+        raise frames.PipelineError(
+            "too_few_frames",
+            f"Only {len(names)} usable frames could be taken from the video; at least "
+            f"{args.min_registered} are needed. Record a longer, steadier video.",
+        )
+
+    # 2. Camera tracking
+    n = len(names)
+    required = max(args.min_registered, math.ceil(args.min_registered_fraction * n))
+    db = colmap_dir / "database.db"
+    size = (info.width, info.height)
+    with clock("features"):
+        sfm.extract_features(db, frames_dir, names, size, opts, progress("features"))
+    rep.log(f"extracted features in {clock.wall['features']:.1f} s")
+    if args.matcher == "exhaustive":
+        pairs = sfm.all_pairs(n)
+    else:
+        pairs = sfm.sequential_pairs(n, args.overlap)
+        if args.loop_closure:
+            index_of = {frames.frame_name(i): i for i in selection.indices}
+            pairs |= sfm.loop_pairs(scan.thumbs[[index_of[m] for m in names]], args.overlap)
+    with clock("matching"):
+        sfm.match_features(db, names, pairs, colmap_dir, opts, progress("matching"))
+    pair_stats = sfm.pair_stats(db, names)
+    rep.log(
+        f"matched {len(pairs)} pairs ({pair_stats.verified_pairs} verified) "
+        f"in {clock.wall['matching']:.1f} s"
+    )
+    with clock("mapping"):
+        models = sfm.run_mapping(
+            db, frames_dir, colmap_dir / "sparse", n, required, opts, progress("mapping")
+        )
+    rep.log(
+        f"mapping: {len(models)} model(s), sizes {[m.num_reg_images() for m in models]}, "
+        f"in {clock.wall['mapping']:.1f} s"
+    )
+
+    # 3. Quality gate, with one retry on safer settings when the camera path jumps
+    stats = sfm.model_stats(models[0]) if models else {"frames_registered": 0, "points3D": 0}
+    quality_gate(args, stats, n, len(models), pair_stats)
+    path = sfm.check_path(models[0], names)
+    retried = path.suspicious(args.max_path_jump)
+    if retried:
+        rep.log(
+            f"the camera path looks broken ({path}): retrying with exhaustive matching "
+            "and the incremental mapper"
+        )
+        retry = sfm.SfmOptions(**{**vars(opts), "matcher": "exhaustive", "mapper": "incremental"})
+        rep.restart("matching", "mapping")
+        with clock("retry"):
+            missing = sfm.all_pairs(n) - pairs
+            sfm.match_features(db, names, missing, colmap_dir, retry, progress("matching"))
+            models = sfm.run_mapping(
+                db, frames_dir, colmap_dir / "sparse_retry", n, required, retry, progress("mapping")
+            )
+        stats = sfm.model_stats(models[0]) if models else {"frames_registered": 0, "points3D": 0}
+        quality_gate(args, stats, n, len(models), pair_stats)
+        path = sfm.check_path(models[0], names)
+        if path.jump_ratio > args.max_path_jump:
+            raise GateError(
+                "inconsistent_path",
+                f"The camera path found is inconsistent: it jumps between neighbouring frames "
+                f"({path.jump_ratio:.0f} times the usual step), so part of the scene would be "
+                "misplaced. Film again more slowly and steadily, keeping the subject in view.",
+            )
+        if path.suspicious(args.max_path_jump):
+            warnings.append(
+                f"weakly connected camera path ({path.weakest_link} points join "
+                "two parts of the video): check the result"
+            )
+    best_dir = colmap_dir / "sparse" / "best"
+    best_dir.mkdir(parents=True)
+    models[0].write(best_dir)
+    fraction = stats["frames_registered"] / n
+    if fraction < 0.9:
+        warnings.append(f"only {stats['frames_registered']} of {n} frames registered")
+
+    # 4. Undistortion
+    with clock("undistort"):
+        if args.skip_undistortion:
+            camera = sfm.copy_distorted(best_dir, frames_dir, dataset, names, progress("undistort"))
+        else:
+            camera = sfm.undistort(
+                best_dir,
+                frames_dir,
+                dataset,
+                stats["frames_registered"],
+                opts,
+                progress("undistort"),
+            )
+    if args.skip_undistortion and args.camera_model not in ("PINHOLE", "SIMPLE_PINHOLE"):
+        warnings.append(
+            f"--skip_undistortion with {args.camera_model}: the trainer reads only "
+            "PINHOLE / SIMPLE_PINHOLE cameras"
+        )
+
+    # 5. Summary
+    return {
+        "summary_version": SUMMARY_VERSION,
+        "video": {
+            "file": args.video_path.name,
+            "codec": info.codec,
+            "pix_fmt": info.pix_fmt,
+            "width": info.width,
+            "height": info.height,
+            "rotation": info.rotation,
+            "fps": round(info.fps, 3),
+            "duration_s": round(info.duration_s, 3),
+            "has_audio": info.has_audio,
+        },
+        "frames_decoded": info.frames_decoded,
+        "frames_kept": n,
+        "frames_dropped_blurred": selection.dropped_blurred,
+        "frames_dropped_duplicates": selection.dropped_duplicates,
+        "frames_registered": stats["frames_registered"],
+        "registered_fraction": round(fraction, 4),
+        "points3D": stats["points3D"],
+        "mean_reprojection_error_px": stats["mean_reprojection_error_px"],
+        "mean_track_length": stats["mean_track_length"],
+        "models_found": len(models),
+        "path_jump_ratio": round(path.jump_ratio, 2),
+        "weakest_link_points": path.weakest_link,
+        "weakest_link_ratio": round(path.weakest_link_ratio, 3),
+        "retried_with_exhaustive": retried,
+        "image_pairs_matched": len(pairs),
+        "image_pairs_verified": pair_stats.verified_pairs,
+        "camera": camera,
+        "camera_distorted": stats["camera_distorted"],
+        "settings": vars(opts)
+        | {
+            "first_octave": sfm.first_octave_for(*size, opts),
+            "skip_undistortion": args.skip_undistortion,
+        },
+        "stage_seconds": {k: round(v, 2) for k, v in clock.wall.items()},
+        "stage_cpu_seconds": {k: round(v, 2) for k, v in clock.cpu.items()},
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "warnings": warnings,
+    }
+
+
+def protocol_stream() -> TextIO:
+    """The real stdout, for protocol lines only; from here on, anything else written to
+    stdout (native libraries included) goes to stderr, so it cannot break a protocol line."""
+    sys.stdout.flush()
+    protocol = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    return protocol
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the pipeline, report the outcome; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    rep = Reporter(protocol_stream(), sys.stderr)
+    try:
+        from pipeline_frames import PipelineError
+
+        try:
+            summary = run(args, rep)
+        except PipelineError as exc:
+            if exc.detail:
+                rep.log(f"{exc.code}: {exc.detail}")
+            rep.error(exc.code, exc.message)
+            return exc.exit_code
+        except GateError as exc:
+            rep.error(exc.code, exc.message)
+            return EXIT_QUALITY_GATE
+        path = args.output_dir / SUMMARY_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(path)
+        rep.log(
+            f"done: {summary['frames_registered']} of {summary['frames_kept']} frames "
+            f"registered, {summary['points3D']} points, reprojection error "
+            f"{summary['mean_reprojection_error_px']} px, {summary['total_seconds']} s"
+        )
+        return EXIT_OK
+    except Exception as exc:  # the contract: traceback on stderr, exit 1
+        traceback.print_exc(file=sys.stderr)
+        rep.error("internal", f"Unexpected error while preprocessing: {type(exc).__name__}: {exc}")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
