@@ -394,7 +394,8 @@ def test_load_while_preprocessing_a_real_video(start_server, tmp_path):
     uploads = [padded_video(tmp_path / f"u{i}.mp4", 200 * 1024 * 1024) for i in range(3)]
     with server.client() as client:
         target = upload(client, start_training="false").json()["task_id"]
-        wait_status(client, target, {"preprocessing_completed"}, timeout=300)
+        rested = wait_status(client, target, {"preprocessing_completed", *TERMINAL}, timeout=300)
+        assert rested["status"] == "preprocessing_completed", rested
         idle = asyncio.run(_poll(server.url, target, 6, 100))
 
         busy_task = upload(client, start_training="false").json()["task_id"]

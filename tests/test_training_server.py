@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import sys
 import threading
 import time
 import zipfile
@@ -18,6 +19,7 @@ from plyfile import PlyData
 
 from conftest import (
     OFFICE_VIDEO,
+    REPO,
     TERMINAL,
     pid_alive,
     recorded_pids,
@@ -104,6 +106,49 @@ def test_start_training_false_rests_after_preprocessing_and_train_starts_it(star
         status = wait_status(client, task_id, TERMINAL)
         assert status["status"] == "training_completed"
         assert status["metadata"]["training"]["iterations"] == 200
+
+
+@pytest.mark.slow
+def test_real_pipeline_reconstructs_the_office_video_into_a_dataset_zip(start_server):
+    """The real run_pipeline.py (not the stand-in) as the preprocessing stage: /status shows
+    its sub-stages advancing, the task rests in preprocessing_completed with the summary in
+    its metadata, and the ZIP holds a dataset pycolmap reads back with all 17 frames."""
+    import pycolmap
+
+    server = start_server(
+        preprocess_command=json.dumps([sys.executable, str(REPO / "run_pipeline.py")])
+    )
+    seen: dict[str, set[int]] = {}
+    with server.client() as client:
+        task_id = upload(client, start_training="false").json()["task_id"]
+
+        def record(status: dict) -> bool:
+            progress = status.get("progress") or {}
+            if progress.get("step") and progress.get("current") is not None:
+                seen.setdefault(progress["step"], set()).add(progress["current"])
+            return status["status"] in {"preprocessing_completed", *TERMINAL}
+
+        status = wait_for(client, task_id, record, timeout=240, interval=0.05)
+        assert status["status"] == "preprocessing_completed", status
+        summary = status["metadata"]["preprocessing"]
+        assert summary["frames_registered"] == 17
+        assert summary["points3D"] >= 500
+        assert summary["mean_reprojection_error_px"] < 1.0
+        # Progress was visible while it ran: at least the mapping step moved through counts.
+        assert len(seen) >= 2, seen
+        assert any(len(values) >= 2 for values in seen.values()), seen
+
+        archive = client.get(f"/download/{task_id}")
+        assert archive.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(archive.content)) as zf:
+            names = zf.namelist()
+            images = [n for n in names if n.startswith("images_undistorted/images/")]
+            assert len(images) == 17
+            target = server.root / "unzipped"
+            zf.extractall(target)
+    model = pycolmap.Reconstruction(str(target / "images_undistorted" / "sparse" / "0"))
+    assert model.num_reg_images() == 17
+    assert {camera.model.name for camera in model.cameras.values()} <= {"PINHOLE"}
 
 
 def test_a_failing_stage_reports_its_reason_and_retry_runs_it_again(start_server, monkeypatch):
