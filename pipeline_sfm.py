@@ -299,6 +299,11 @@ def _incremental(
     options.random_seed = opts.seed
     options.image_path = str(image_dir)  # point colours come from the frames
     options.mapper.ba_global_ignore_redundant_points3D = True
+    # Global bundle adjustment when the model has grown by 40 % (COLMAP: 10 %). Measured on
+    # the 100-frame 960x540 synthetic orbit: mapping 42.5 -> 29.4 s, same 100 frames, points
+    # and reprojection error (0.422 -> 0.421 px); 1.6 was slower again (more local work).
+    options.ba_global_frames_ratio = 1.4
+    options.ba_global_points_ratio = 1.4
     # Keep observations within 2 px (COLMAP: 4). Measured on the synthetic orbit: mean
     # reprojection error 0.51 -> 0.42 px, camera centres closer to the truth (max 0.088 ->
     # 0.067 % of the radius), 6 % more points; the office video keeps all its points. The
