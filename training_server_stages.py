@@ -93,6 +93,36 @@ async def _run(
     )
 
 
+OFFLINE_MARKERS = (
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "Network is unreachable",
+    "No address associated with hostname",
+)
+DOWNLOAD_LINE = re.compile(r'Downloading:? "?(https?://[^"\s]+)"? to (\S+)')
+
+
+def offline_hint(lines: list[str]) -> str | None:
+    """A sentence for a stage that failed because it tried to download something offline.
+
+    The trainer's LPIPS metric fetches its backbone's weights (torch.hub) on first use; on a GPU
+    box without internet access that ends in a resolver error deep in a traceback."""
+    text = "\n".join(lines)
+    if not any(marker in text for marker in OFFLINE_MARKERS):
+        return None
+    wanted = DOWNLOAD_LINE.findall(text)
+    if wanted:
+        url, path = wanted[-1]
+        return (
+            f"It tried to download {url} and this machine cannot reach the internet: "
+            f"download that file elsewhere and put it at {path}, then retry."
+        )
+    return (
+        "It tried to download a file and this machine cannot reach the internet: run it once "
+        "on a machine that can, or copy the files it needs into place, then retry."
+    )
+
+
 def failure(stage: Stage, outcome: ProcessOutcome, log: TaskLog, timeout_s: float) -> StageResult:
     """The result of a run that timed out or exited non-zero, quoting its last output."""
     name = stage.value.capitalize()
@@ -110,10 +140,12 @@ def failure(stage: Stage, outcome: ProcessOutcome, log: TaskLog, timeout_s: floa
         how = f"was killed by signal {-code}"
     else:
         how = f"exited with code {code}"
+    hint = offline_hint(log.tail)
+    headline = f"{name} {how}." + (f" {hint}" if hint else "")
     return StageResult(
         EndReason.FAILED,
         f"{name} failed",
-        f"{name} {how}. Last output:\n{tail}" if tail else f"{name} {how}.",
+        f"{headline} Last output:\n{tail}" if tail else headline,
     )
 
 

@@ -102,6 +102,23 @@ def test_a_trainer_crash_fails_with_its_last_lines(start_server, monkeypatch):
         assert retried["status"] == "preprocessing_completed"
 
 
+def test_a_trainer_without_internet_access_says_which_file_to_fetch(start_server, monkeypatch):
+    """Seen on the offline GPU check: the real trainer downloads its LPIPS backbone's weights on
+    first use. The error names the file and where it goes, not only a resolver traceback."""
+    monkeypatch.setenv("FAKE_TRAINER_MODE", "offline")
+    server = start_server()
+    with server.client() as client:
+        task_id = upload(client).json()["task_id"]
+        status = wait_status(client, task_id, TERMINAL)
+        assert status["status"] == "failed"
+        error = status["error_message"]
+        headline = error.split(" Last output:")[0]
+        assert "cannot reach the internet" in headline
+        assert "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth" in headline
+        assert "/.cache/torch/hub/checkpoints/alexnet-owt-7be5be79.pth" in headline
+        assert "Temporary failure in name resolution" in error
+
+
 def test_a_training_past_its_timeout_is_killed_with_its_children(
     start_server, monkeypatch, tmp_path
 ):

@@ -25,8 +25,10 @@ behaves like the real trainer where the server can see it:
 
 Environment:
     FAKE_TRAINER_STEP_SECONDS      sleep per step (default 0.008: 300 steps take ~2.5 s)
-    FAKE_TRAINER_MODE              normal | crash | hang
+    FAKE_TRAINER_MODE              normal | crash | hang | offline
     FAKE_TRAINER_CRASH_AT          step of the crash (default: half way); a traceback, exit 1
+    (offline: at set-up, fail as the real trainer does on a machine without internet access,
+    when its LPIPS metric tries to download the backbone's weights into the torch cache)
     FAKE_TRAINER_HANG_AT           step where it stops printing and sleeps forever (default:
                                    half way), after starting a child that ignores SIGTERM
                                    (its pid goes to {output}/{name}/fake_trainer_child.pid)
@@ -508,6 +510,8 @@ def train(args: argparse.Namespace) -> None:
         if (output / "lightning_logs").is_dir()
         else 0
     )
+    if os.environ.get("FAKE_TRAINER_MODE") == "offline":
+        fail_to_download()
     run = Run(args, output, images, points)
     run.write_setup_files(camera, version)
     epoch, step = 0, 0
@@ -602,6 +606,18 @@ def validate(run: Run, main_bar: Bar, step: int, val_images: list[str]) -> dict[
     if run.args.save_val_metrics:
         run.write_metrics(step, val_images, psnr)
     return metrics
+
+
+def fail_to_download() -> NoReturn:
+    """FAKE_TRAINER_MODE=offline: what torch.hub prints, then the error urllib raises."""
+    import urllib.error
+
+    cache = Path.home() / ".cache/torch/hub/checkpoints/alexnet-owt-7be5be79.pth"
+    sys.stderr.write(
+        f'Downloading: "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth" to {cache}\n'
+    )
+    sys.stderr.flush()
+    raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
 
 
 def render_step(step: int) -> None:
