@@ -88,9 +88,13 @@ def stage_processes_older_than(marker: str, when: float) -> list[int]:
 # -- SIGKILL at random points, many times ------------------------------------------------
 
 
+KILL_ROUNDS = int(os.environ.get("KILL_ROUNDS", "30"))
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(120 + 8 * KILL_ROUNDS)  # a round takes 3-4 s; the default 300 s fits ~60
 def test_sigkill_at_random_points_loses_nothing(start_server, tmp_path, monkeypatch):
-    rounds = int(os.environ.get("KILL_ROUNDS", "30"))
+    rounds = KILL_ROUNDS
     rng = random.Random(20261128)
     monkeypatch.setenv("FAKE_PIPELINE_SECONDS", "0.6")
     monkeypatch.setenv("FAKE_TRAINER_STEP_SECONDS", "0.004")
