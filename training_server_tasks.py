@@ -1,5 +1,7 @@
 """The task runner: FIFO queues with slot counts per stage, the two pipeline stages run as
-subprocesses, restart recovery, cancel / retry / train / delete, and the cleanup sweep.
+subprocesses, restart recovery, cancel / retry / train / delete. What the API shows of a task
+lives in training_server_views, progress writes in training_server_progress, the retention
+sweep in training_server_cleanup.
 
 Every status change goes through training_server_state.transition; the final status of a
 stage run is written in `finally` under a shield, so a cancel cannot leave a task running.
@@ -11,14 +13,11 @@ import asyncio
 import contextlib
 import logging
 import shutil
-import time
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import training_server_cleanup as cleanup
 import training_server_stages as stages
 import training_server_state as state
 import training_server_trainer as trainer
@@ -39,13 +38,13 @@ from training_server_models import (
     TrainingOptions,
 )
 from training_server_process import TaskLog, await_shielded, kill_marked, kill_stale_group
+from training_server_progress import ProgressWriter
 from training_server_stages import StageContext, StageResult
-from training_server_utils import Paths
+from training_server_utils import Paths, is_task_id
+from training_server_views import EventBus, StatusCache, task_public
 
 log = logging.getLogger("training_server")
 S = TaskStatus
-
-PROGRESS_WRITE_INTERVAL = 1.0  # seconds between persisted progress updates of one task
 
 
 @dataclass
@@ -54,50 +53,6 @@ class _Running:
     task: asyncio.Task[None]
     stop_reason: EndReason | None = None
     stop_message: str | None = None
-
-
-@dataclass
-class _ProgressState:
-    last_write: float = 0.0
-    pending: Progress | None = None
-
-
-class EventBus:
-    """Fan-out of task changes to live subscribers (the page's event stream)."""
-
-    def __init__(self, queue_size: int = 256) -> None:
-        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self._queue_size = queue_size
-
-    def publish(self, event: dict[str, Any]) -> None:
-        """Hand `event` to every subscriber; a slow one loses its oldest events."""
-        for queue in list(self._subscribers):
-            if queue.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()
-            queue.put_nowait(event)
-
-    @contextlib.asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
-        """A queue that receives every event published while the context is open."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self._queue_size)
-        self._subscribers.add(queue)
-        try:
-            yield queue
-        finally:
-            self._subscribers.discard(queue)
-
-
-def _iso_to_datetime(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
-
-
-def is_task_id(name: str) -> bool:
-    """Whether `name` is a canonical UUID, the only form task ids take."""
-    try:
-        return str(uuid.UUID(name)) == name
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -112,16 +67,12 @@ class TaskManager:
         self.paths = Paths(self.settings.temp_dir.resolve(), self.settings.logs_dir.resolve())
         self._running: dict[str, _Running] = {}
         self._pending_stop: dict[str, tuple[EndReason, str]] = {}
-        self._progress: dict[str, _ProgressState] = {}
+        self._progress = ProgressWriter(self.db, self._publish)
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[None]] = set()
         self._accepting = False
-        # Serialized status of tasks not waiting in a queue (a queued task's place changes
-        # when others move), dropped on every write to the task.
-        self._status_json: dict[str, bytes] = {}
-        self._writes = 0
-        self.db.on_change = self._forget_status
+        self._status_cache = StatusCache()
+        self.db.on_change = self._status_cache.forget
         self.checkout = trainer.find_trainer_checkout(self.settings.trainer_path, Path.cwd())
         self.preprocess_health = CommandHealth(available=False, detail="not checked yet")
         self.training_health = CommandHealth(available=False, detail="not checked yet")
@@ -137,7 +88,10 @@ class TaskManager:
         self._accepting = True
         self._loops = [
             asyncio.create_task(self._scheduler(), name="scheduler"),
-            asyncio.create_task(self._cleanup_loop(), name="cleanup"),
+            asyncio.create_task(
+                cleanup.run_forever(self.settings.cleanup_interval, self.cleanup_expired),
+                name="cleanup",
+            ),
         ]
         self._wake.set()
 
@@ -227,46 +181,20 @@ class TaskManager:
         except TaskNotFoundError:
             raise NotFoundError(f"No task with id {task_id}.") from None
         position = await self.db.queue_position(row["id"]) if row["queued_for"] else None
-        return self._to_public(row, position)
+        return task_public(row, position)
 
     async def public_json(self, task_id: str) -> bytes:
         """`public(task_id)` as JSON, served from a cache that every write to the task clears
         (status polling is the busiest request)."""
-        cached = self._status_json.get(task_id)
+        cached = self._status_cache.get(task_id)
         if cached is not None:
             return cached
-        writes = self._writes
+        generation = self._status_cache.generation
         task = await self.public(task_id)
         body = task.model_dump_json().encode()
-        if task.queued_for is None and writes == self._writes:
-            self._status_json[task_id] = body
+        if task.queued_for is None:  # a queued task's place changes when others move
+            self._status_cache.put(task_id, body, generation)
         return body
-
-    def _forget_status(self, task_id: str) -> None:
-        self._writes += 1
-        self._status_json.pop(task_id, None)
-
-    def _to_public(self, row: dict[str, Any], position: int | None) -> TaskPublic:
-        return TaskPublic(
-            task_id=row["id"],
-            status=S(row["status"]),
-            message=row["message"],
-            created_at=datetime.fromisoformat(row["created_at"]),
-            updated_at=datetime.fromisoformat(row["updated_at"]),
-            error_message=row["error_message"],
-            metadata=row["metadata"],
-            progress=Progress.model_validate(row["progress"]) if row["progress"] else None,
-            queue_position=position,
-            queued_for=Stage(row["queued_for"]) if row["queued_for"] else None,
-            params=TaskParams.model_validate(row["params"]),
-            original_filename=row["original_filename"],
-            video_size=row["video_size"],
-            started_at=_iso_to_datetime(row["started_at"]),
-            finished_at=_iso_to_datetime(row["finished_at"]),
-            end_reason=EndReason(row["end_reason"]) if row["end_reason"] else None,
-            attempts=row["attempts"],
-            expired=row["expired_at"] is not None,
-        )
 
     async def list_public(
         self, statuses: list[TaskStatus], limit: int, offset: int
@@ -274,7 +202,7 @@ class TaskManager:
         """A page of tasks, newest first, and the total that match."""
         rows, total = await self.db.list_tasks([s.value for s in statuses], limit, offset)
         positions = await self.db.queue_positions() if any(r["queued_for"] for r in rows) else {}
-        return [self._to_public(r, positions.get(r["id"])) for r in rows], total
+        return [task_public(r, positions.get(r["id"])) for r in rows], total
 
     def running_ids(self, stage: Stage) -> list[str]:
         """Ids of the tasks whose `stage` runs now."""
@@ -611,7 +539,7 @@ class TaskManager:
                 if result.error and result.reason != EndReason.SUCCEEDED:
                     task_log.event(result.error)
                 task_log.close()
-            await self._flush_progress(task_id)
+            await self._progress.flush(task_id)
             fields: dict[str, Any] = {
                 "message": result.message,
                 "error_message": result.error,
@@ -647,7 +575,7 @@ class TaskManager:
             log.exception("could not record the end of %s for task %s", stage.value, task_id)
         finally:
             self._running.pop(task_id, None)
-            self._progress.pop(task_id, None)
+            self._progress.forget(task_id)
             self._pending_stop.pop(task_id, None)
             self._wake.set()
 
@@ -678,82 +606,16 @@ class TaskManager:
             only_if_status=[s.value for s in state.RUNNING],
         )
 
-    # -- progress ------------------------------------------------------------------------
+    # -- progress and cleanup ------------------------------------------------------------
 
     def _report_progress(self, task_id: str, fields: dict[str, Any]) -> None:
         entry = self._running.get(task_id)
-        if entry is None:
-            return
-        progress = Progress(stage=entry.stage, updated_at=datetime.now(UTC), **fields)
-        slot = self._progress.setdefault(task_id, _ProgressState())
-        slot.pending = progress
-        now = time.monotonic()
-        if now - slot.last_write >= PROGRESS_WRITE_INTERVAL:
-            slot.last_write = now
-            flush = asyncio.get_running_loop().create_task(self._flush_progress(task_id))
-            self._background.add(flush)
-            flush.add_done_callback(self._background.discard)
-
-    async def _flush_progress(self, task_id: str) -> None:
-        slot = self._progress.get(task_id)
-        if slot is None or slot.pending is None:
-            return
-        progress, slot.pending = slot.pending, None
-        label = progress.label or progress.stage.value
-        if progress.current is not None and progress.total:
-            message = f"{label} {progress.current}/{progress.total}"
-        else:
-            message = label
-        changed = await self.db.update_fields(
-            task_id,
-            {
-                "progress": progress.model_dump(mode="json"),
-                "message": message,
-                "updated_at": state.now_iso(),
-            },
-            only_if_status=[s.value for s in state.RUNNING],
-        )
-        if changed:
-            with contextlib.suppress(NotFoundError):
-                await self._publish(task_id)
-
-    # -- cleanup -------------------------------------------------------------------------
-
-    async def _cleanup_loop(self) -> None:
-        while True:
-            try:
-                await self.cleanup_expired()
-            except Exception:
-                log.exception("cleanup sweep failed")
-            await asyncio.sleep(self.settings.cleanup_interval)
+        if entry is not None:  # a report after the stage ended is dropped
+            self._progress.report(task_id, entry.stage, fields)
 
     async def cleanup_expired(self) -> list[str]:
         """Remove the files of tasks that ended more than cleanup_ttl ago; keep their record."""
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.cleanup_ttl)
-        ended = [S.PREPROCESSING_COMPLETED, S.TRAINING_COMPLETED, S.FAILED, S.CANCELLED]
-        expired = []
-        for task_id in await self.db.expirable(
-            cutoff.isoformat(timespec="milliseconds"), [s.value for s in ended]
-        ):
-            marked = await self.db.update_fields(
-                task_id,
-                {
-                    "expired_at": state.now_iso(),
-                    "message": f"Files removed by the cleanup {self.settings.cleanup_ttl:g} s "
-                    "after the task ended",
-                    "progress": None,
-                },
-                only_if_status=[s.value for s in ended],
-            )
-            if not marked:
-                continue
-            await asyncio.to_thread(self._remove_files, task_id)
-            expired.append(task_id)
-            with contextlib.suppress(NotFoundError):
-                await self._publish(task_id)
-        if expired:
-            log.info("cleanup removed the files of %d tasks", len(expired))
-        return expired
+        return await cleanup.sweep(self.settings, self.db, self._remove_files, self._publish)
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import unicodedata
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,11 @@ def jsonable_errors(errors: list[Any]) -> list[dict[str, Any]]:
         {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg"), "type": e.get("type")}
         for e in errors
     ]
+
+
+def is_task_id(name: str) -> bool:
+    """Whether `name` is a canonical UUID, the only form task ids take."""
+    try:
+        return str(uuid.UUID(name)) == name
+    except ValueError:
+        return False
