@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from training_server_db import Database
@@ -28,14 +29,19 @@ async def open_with_task(tmp_path: Path, status: str) -> Database:
     return db
 
 
-async def test_a_burst_of_reports_is_one_write_and_the_last_report_lands(tmp_path: Path) -> None:
-    db = await open_with_task(tmp_path, "preprocessing")
-    published: list[str] = []
+def recorder(published: list[str]) -> Callable[[str], Awaitable[None]]:
+    """A publish callback that records which tasks it was told about."""
 
     async def publish(task_id: str) -> None:
         published.append(task_id)
 
-    writer = ProgressWriter(db, publish)
+    return publish
+
+
+async def test_a_burst_of_reports_is_one_write_and_the_last_report_lands(tmp_path: Path) -> None:
+    db = await open_with_task(tmp_path, "preprocessing")
+    published: list[str] = []
+    writer = ProgressWriter(db, recorder(published))
     try:
         for n in range(500):
             fields = {"step": "features", "label": "Features", "current": n, "total": 500}
@@ -60,11 +66,7 @@ async def test_a_burst_of_reports_is_one_write_and_the_last_report_lands(tmp_pat
 async def test_no_progress_is_written_once_the_task_has_ended(tmp_path: Path) -> None:
     db = await open_with_task(tmp_path, "failed")
     published: list[str] = []
-
-    async def publish(task_id: str) -> None:
-        published.append(task_id)
-
-    writer = ProgressWriter(db, publish)
+    writer = ProgressWriter(db, recorder(published))
     try:
         writer.report(TASK, Stage.TRAINING, {"label": "Training", "current": 5, "total": 10})
         await writer.flush(TASK)
