@@ -148,7 +148,7 @@ class Database:
     def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
         self._writer = writer
         self._reader = reader
-        # Told the id of every task a write touched (after the write), e.g. to drop caches.
+        # Told the id of every task a write changed (after the write), e.g. to drop caches.
         self.on_change: Callable[[str], None] | None = None
 
     def _changed(self, task_id: str) -> None:
@@ -223,9 +223,10 @@ class Database:
         )
         if require_queued is not None:
             sql += f" AND queued_for IS {'NOT ' if require_queued else ''}NULL"
-        changed = await self._write(sql, [to_status, *values, task_id, *allowed])
-        self._changed(task_id)
-        return changed == 1
+        changed = await self._write(sql, [to_status, *values, task_id, *allowed]) == 1
+        if changed:
+            self._changed(task_id)
+        return changed
 
     async def update_fields(
         self, task_id: str, fields: Mapping[str, Any], *, only_if_status: Iterable[str] = ()
@@ -241,13 +242,15 @@ class Database:
             sql += f" AND status IN ({', '.join('?' for _ in statuses)})"
             params += statuses
         changed = await self._write(sql, params) == 1
-        self._changed(task_id)
+        if changed:
+            self._changed(task_id)
         return changed
 
     async def delete_task(self, task_id: str) -> bool:
         """Remove a task's row; returns whether it existed."""
         deleted = await self._write("DELETE FROM tasks WHERE id = ?", [task_id]) == 1
-        self._changed(task_id)
+        if deleted:
+            self._changed(task_id)
         return deleted
 
     # -- reads ---------------------------------------------------------------------------

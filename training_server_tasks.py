@@ -185,16 +185,19 @@ class TaskManager:
 
     async def public_json(self, task_id: str) -> bytes:
         """`public(task_id)` as JSON, served from a cache that every write to the task clears
-        (status polling is the busiest request)."""
+        and every publish of a change refills (status polling is the busiest request)."""
         cached = self._status_cache.get(task_id)
         if cached is not None:
             return cached
+        return (await self._read_and_cache(task_id))[1]
+
+    async def _read_and_cache(self, task_id: str) -> tuple[TaskPublic, bytes]:
         generation = self._status_cache.generation
         task = await self.public(task_id)
         body = task.model_dump_json().encode()
         if task.queued_for is None:  # a queued task's place changes when others move
             self._status_cache.put(task_id, body, generation)
-        return body
+        return task, body
 
     async def list_public(
         self, statuses: list[TaskStatus], limit: int, offset: int
@@ -251,7 +254,7 @@ class TaskManager:
         return await self._publish(task_id)
 
     async def _publish(self, task_id: str) -> TaskPublic:
-        task = await self.public(task_id)
+        task, _ = await self._read_and_cache(task_id)
         self.events.publish({"type": "task", "task": task.model_dump(mode="json")})
         return task
 
