@@ -23,12 +23,12 @@ from typing import Any
 
 import httpx
 from common import (
-    OFFICE_VIDEO,
     RESULTS,
     AppProcess,
     ProcessMeter,
     Section,
     Table,
+    completed_task,
     log,
     median,
     ratios,
@@ -39,7 +39,6 @@ from common import (
     stat,
     stop_server,
     verdict,
-    wait_until,
 )
 
 GOAL_RATIO = 0.8
@@ -72,27 +71,6 @@ def wrk(url: str, seconds: float) -> dict[str, float]:
     result["non_2xx"] = float(bad[1]) if bad else 0.0
     result["socket_errors"] = errors[1] if errors else ""  # type: ignore[assignment]
     return result
-
-
-def completed_task(server: Any) -> dict[str, Any]:
-    """Upload the office video and run it to training_completed; returns its status."""
-    with httpx.Client(base_url=server.url, timeout=60) as client, OFFICE_VIDEO.open("rb") as f:
-        answer = client.post(
-            "/upload", files={"file": (OFFICE_VIDEO.name, f, "video/mp4")}
-        ).raise_for_status()
-        task_id = answer.json()["task_id"]
-        wait_until(
-            lambda: (
-                client.get(f"/status/{task_id}").json()["status"]
-                in {"training_completed", "failed"}
-            ),
-            timeout=300,
-            what="the task to finish training",
-        )
-        status = client.get(f"/status/{task_id}").json()
-    if status["status"] != "training_completed":
-        raise RuntimeError(f"the stand-in task did not complete: {status}")
-    return status
 
 
 # The apps measured, in the order of the first round; the extra minimal apps each add one

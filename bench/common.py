@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,35 +207,23 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _output(cmd: list[str], cwd: Path | None = None) -> str:
+    """A short command's stdout, stripped; OSError / SubprocessError pass to the caller."""
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+
+
 def _disk(path: Path) -> str:
     usage = shutil.disk_usage(path)
     fs = "?"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        fs = subprocess.run(
-            ["findmnt", "-no", "SOURCE,FSTYPE", "-T", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        fs = _output(["findmnt", "-no", "SOURCE,FSTYPE", "-T", str(path)])
     return f"{fs}, {usage.total / GIB:.0f} GiB, {usage.free / GIB:.0f} GiB free"
 
 
 def _git_revision() -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        rev = _output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO)
+        dirty = _output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO)
         return f"{rev}{' + uncommitted changes' if dirty else ''}"
     return "unknown"
 
@@ -432,3 +421,54 @@ def runs_text(repeats: int) -> str:
     if repeats == 1:
         return "One run each (a quick run: no spread)."
     return f"Median (min–max) of {repeats} runs."
+
+
+def completed_task(server: Any) -> dict[str, Any]:
+    """Upload the office video and run it to training_completed; returns its status."""
+    with httpx.Client(base_url=server.url, timeout=60) as client, OFFICE_VIDEO.open("rb") as f:
+        answer = client.post(
+            "/upload", files={"file": (OFFICE_VIDEO.name, f, "video/mp4")}
+        ).raise_for_status()
+        task_id = answer.json()["task_id"]
+        wait_until(
+            lambda: (
+                client.get(f"/status/{task_id}").json()["status"]
+                in {"training_completed", "failed"}
+            ),
+            timeout=300,
+            what="the task to finish training",
+        )
+        status = client.get(f"/status/{task_id}").json()
+    if status["status"] != "training_completed":
+        raise RuntimeError(f"the stand-in task did not complete: {status}")
+    return status
+
+
+# Synthetic benchmark videos: name -> (renderer in tests/synthetic_video.py, its arguments).
+SYNTHETIC: dict[str, tuple[str, dict[str, Any]]] = {
+    "orbit960": ("render_orbit", {"seconds": 15.0, "fps": 30.0, "width": 960, "height": 540}),
+    "walk1080": ("render_walk", {"seconds": 60.0, "fps": 30.0, "width": 1920, "height": 1080}),
+}
+
+
+def render_synthetic(name: str) -> tuple[Path, Path]:
+    """Render (or reuse) a synthetic benchmark video; returns the video and its truth file."""
+    import synthetic_video as sv  # numpy and OpenCV: only when a video must be rendered
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    video, truth = RESULTS / f"{name}.mp4", RESULTS / f"{name}.truth.npz"
+    if video.exists() and truth.exists():
+        return video, truth
+    function, kwargs = SYNTHETIC[name]
+    start = time.perf_counter()
+
+    def progress(i: int, n: int) -> None:
+        if i % 100 == 0 or i == n:
+            print(f"rendering {name}: {i}/{n} frames", file=sys.stderr, flush=True)
+
+    partial = video.with_suffix(".partial.mp4")
+    result = getattr(sv, function)(partial, progress=progress, **kwargs)
+    sv.save_truth(result, truth)
+    partial.replace(video)
+    print(f"rendered {video} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return video, truth

@@ -24,16 +24,15 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import httpx
 from common import (
     GIB,
     MIB,
-    OFFICE_VIDEO,
     RESULTS,
     AppProcess,
     ProcessMeter,
     Section,
     Table,
+    completed_task,
     log,
     median,
     ratios,
@@ -45,7 +44,6 @@ from common import (
     stat,
     stop_server,
     timed,
-    wait_until,
 )
 
 import training_server_trainer as trainer
@@ -58,28 +56,6 @@ METHODS = {
     "cat": "`cat` → /dev/null (read once)",
     "batched_null": "same ZIP, 1 MiB chunks per thread hop (throwaway app) → /dev/null",
 }
-
-
-def completed_task(server: Any) -> str:
-    """Upload the office video, run it to training_completed; returns the task id."""
-    with httpx.Client(base_url=server.url, timeout=60) as client, OFFICE_VIDEO.open("rb") as f:
-        task_id = (
-            client.post("/upload", files={"file": (OFFICE_VIDEO.name, f, "video/mp4")})
-            .raise_for_status()
-            .json()["task_id"]
-        )
-        wait_until(
-            lambda: (
-                client.get(f"/status/{task_id}").json()["status"]
-                in {"training_completed", "failed"}
-            ),
-            timeout=300,
-            what="the task to finish training",
-        )
-        status = client.get(f"/status/{task_id}").json()["status"]
-    if status != "training_completed":
-        raise RuntimeError(f"the stand-in task ended {status}")
-    return task_id
 
 
 def grow_result(output_dir: Path, total: int) -> list[tuple[Path, str]]:
@@ -121,7 +97,7 @@ def run(repeats: int = 3, size_gib: float = 2.0) -> Section:
     server = start_training_server(work / "server", min_free_bytes=0)
     app: AppProcess | None = None
     try:
-        task_id = completed_task(server)
+        task_id = completed_task(server)["task_id"]
         output_dir = work / "server" / "temp_workspace" / "checkpoints" / task_id
         files = grow_result(output_dir, total)
         folder = work / "stage"

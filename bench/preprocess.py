@@ -24,39 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
-sys.path.insert(0, str(REPO / "tests"))
+from common import REPO, RESULTS, SYNTHETIC, render_synthetic
 
-import synthetic_video as sv  # noqa: E402
+import synthetic_video as sv
 
 STAGES = ("decode", "select", "features", "matching", "mapping", "undistort")
-# name: (renderer, keyword arguments); the videos a later benchmark compares with ffmpeg+colmap
-RENDERS: dict[str, tuple[Any, dict[str, Any]]] = {
-    "orbit960": (sv.render_orbit, {"seconds": 15.0, "fps": 30.0, "width": 960, "height": 540}),
-    "walk1080": (sv.render_walk, {"seconds": 60.0, "fps": 30.0, "width": 1920, "height": 1080}),
-}
-
-
-def render(name: str) -> tuple[Path, Path]:
-    """Render (or reuse) a synthetic benchmark video; returns the video and its truth file."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    video, truth = RESULTS / f"{name}.mp4", RESULTS / f"{name}.truth.npz"
-    if video.exists() and truth.exists():
-        return video, truth
-    fn, kwargs = RENDERS[name]
-    start = time.perf_counter()
-
-    def progress(i: int, n: int) -> None:
-        if i % 100 == 0 or i == n:
-            print(f"rendering {name}: {i}/{n} frames", file=sys.stderr, flush=True)
-
-    tmp = video.with_suffix(".partial.mp4")
-    result = fn(tmp, progress=progress, **kwargs)
-    sv.save_truth(result, truth)
-    tmp.replace(video)
-    print(f"rendered {video} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return video, truth
 
 
 def run_once(
@@ -115,7 +87,7 @@ def baseline_child(video: Path, out_dir: Path, max_frames: int, min_frames: int)
     """The "before": the same frames through pycolmap's defaults (8,192 SIFT features with an
     upsampled first octave, sequential matching with quadratic overlap 10, incremental
     mapping, undistortion); writes a summary like run_pipeline.py's."""
-    sys.path.insert(0, str(REPO))
+
     import pycolmap
 
     import pipeline_frames as pf
@@ -202,7 +174,7 @@ def spread(values: list[float]) -> str:
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separate run_pipeline.py's options (with their values) from the benchmark's own."""
-    sys.path.insert(0, str(REPO))
+
     import run_pipeline  # light: its heavy imports happen when it runs
 
     takes_value = {}
@@ -230,7 +202,7 @@ def main() -> int:
     bench_argv, pipeline_argv = split_argv(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("video", nargs="?", type=Path, help="input video")
-    parser.add_argument("--render", choices=sorted(RENDERS), help="use a synthetic video")
+    parser.add_argument("--render", choices=sorted(SYNTHETIC), help="use a synthetic video")
     parser.add_argument("--render-only", action="store_true", help="render and stop")
     parser.add_argument("--repeat", type=int, default=1, help="number of runs")
     parser.add_argument("--truth", type=Path, help="ground truth .npz of a synthetic video")
@@ -247,7 +219,7 @@ def main() -> int:
         return baseline_child(Path(video), Path(out), int(most), int(least))
     truth = args.truth
     if args.render:
-        args.video, truth = render(args.render)
+        args.video, truth = render_synthetic(args.render)
         if args.render_only:
             return 0
     if args.video is None:

@@ -44,6 +44,7 @@ from common import (
     log,
     median,
     remove,
+    render_synthetic,
     require_tools,
     stat,
     verdict,
@@ -51,11 +52,6 @@ from common import (
 
 GOAL_TIME_RATIO = 0.5
 MAX_FRAMES, MIN_FRAMES = 100, 20
-SYNTHETIC = {
-    # name: (renderer in tests/synthetic_video.py, its keyword arguments)
-    "orbit960": ("render_orbit", {"seconds": 15.0, "fps": 30.0, "width": 960, "height": 540}),
-    "walk1080": ("render_walk", {"seconds": 60.0, "fps": 30.0, "width": 1920, "height": 1080}),
-}
 REAL = {"office": "tum_office_orbit.mp4", "cockatoo": "cockatoo_static.mp4"}
 ALL_VIDEOS = ("office", "cockatoo", "orbit960", "walk1080")
 DESCRIPTIONS = {
@@ -70,20 +66,7 @@ def video_path(name: str) -> Path:
     """The video file for a benchmark name (rendered and cached for synthetic ones)."""
     if name in REAL:
         return DATA / REAL[name]
-    path = RESULTS / f"{name}.mp4"
-    if path.exists():
-        return path
-    sys.path.insert(0, str(REPO / "tests"))
-    import synthetic_video as sv
-
-    function, kwargs = SYNTHETIC[name]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    log(f"rendering {name} (once; cached in {path})")
-    partial = path.with_suffix(".partial.mp4")
-    video = getattr(sv, function)(partial, **kwargs)
-    sv.save_truth(video, path.with_suffix(".truth.npz"))
-    partial.replace(path)
-    return path
+    return render_synthetic(name)[0]
 
 
 def decode_floor(video: Path) -> tuple[float, int]:
