@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import av
@@ -85,7 +85,6 @@ class Selection:
     """The frames chosen to reconstruct from, and why others were left out."""
 
     indices: list[int]
-    names: list[str] = field(default_factory=list)
     target: int = 0
     dropped_blurred: int = 0
     dropped_duplicates: int = 0
@@ -352,7 +351,6 @@ def select_frames(
             continue
         kept.append(i)
     sel.indices = kept
-    sel.names = [frame_name(i) for i in kept]
     return sel
 
 
@@ -382,5 +380,5 @@ def save_selection(path: Path, scan: FrameScan, selection: Selection) -> None:
         }
         for i in selection.indices
     ]
-    summary = {k: v for k, v in asdict(selection).items() if k not in ("indices", "names")}
+    summary = {k: v for k, v in asdict(selection).items() if k != "indices"}
     path.write_text(json.dumps({**summary, "frames": frames}, indent=1))

@@ -216,7 +216,6 @@ class PairStats:
     neighbours: int
     neighbours_verified: int
     verified_pairs: int
-    median_inliers: float
     rotation_only_fraction: float
 
 
@@ -249,7 +248,6 @@ def pair_stats(db: Path, names: list[str], min_inliers: int = 30) -> PairStats:
         neighbours=max(len(names) - 1, 0),
         neighbours_verified=neighbours_ok,
         verified_pairs=len(inliers),
-        median_inliers=float(np.median(inliers)) if inliers else 0.0,
         rotation_only_fraction=rotation_only / len(inliers) if inliers else 0.0,
     )
 

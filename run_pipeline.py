@@ -28,10 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from training_server_utils import DATASET_DIR, SUMMARY_NAME  # the contract with the server
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
-EXIT_BAD_INPUT = 3
-EXIT_QUALITY_GATE = 4
+EXIT_QUALITY_GATE = 4  # a bad input exits with pipeline_frames.EXIT_BAD_INPUT (3)
 
 STAGES = {
     "decode": "Decoding video",
@@ -41,8 +42,6 @@ STAGES = {
     "mapping": "Camera tracking",
     "undistort": "Undistorting images",
 }
-SUMMARY_NAME = "preprocess_summary.json"
-DATASET_DIR = "images_undistorted"
 WORK_DIRS = ("frames", "colmap", DATASET_DIR)
 SUMMARY_VERSION = 1
 # Decoding keeps the sharpest frame of each stretch of the video as a candidate, this many per
@@ -60,7 +59,7 @@ class Reporter:
         self._last: dict[str, tuple[float, int, int | None]] = {}
 
     def _emit(self, tag: str, payload: dict[str, Any]) -> None:
-        self.protocol.write(f"@{tag} {json.dumps(payload, separators=(', ', ': '))}\n")
+        self.protocol.write(f"@{tag} {json.dumps(payload)}\n")
         self.protocol.flush()
 
     def progress(self, stage: str, current: int, total: int | None) -> None:
@@ -403,14 +402,18 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
             db, frames_dir, colmap_dir / "sparse", n, required, opts, progress("mapping")
         )
     rep.log(
-        f"mapping: {len(models)} model(s), sizes {[m.num_reg_images() for m in models]}, "
+        f"mapping ({opts.mapper}): {len(models)} model(s), "
+        f"sizes {[m.num_reg_images() for m in models]}, "
         f"in {clock.wall['mapping']:.1f} s"
     )
 
     # 3. Quality gate, with one retry on safer settings when the camera path jumps
-    stats = sfm.model_stats(models[0]) if models else {"frames_registered": 0, "points3D": 0}
-    quality_gate(args, stats, n, len(models), pair_stats)
-    path = sfm.check_path(models[0], names)
+    def judge(models: list[Any]) -> tuple[dict[str, Any], Any]:
+        stats = sfm.model_stats(models[0]) if models else {"frames_registered": 0, "points3D": 0}
+        quality_gate(args, stats, n, len(models), pair_stats)
+        return stats, sfm.check_path(models[0], names)
+
+    stats, path = judge(models)
     retried = path.suspicious(args.max_path_jump)
     if retried:
         rep.log(
@@ -425,9 +428,7 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
             models = sfm.run_mapping(
                 db, frames_dir, colmap_dir / "sparse_retry", n, required, retry, progress("mapping")
             )
-        stats = sfm.model_stats(models[0]) if models else {"frames_registered": 0, "points3D": 0}
-        quality_gate(args, stats, n, len(models), pair_stats)
-        path = sfm.check_path(models[0], names)
+        stats, path = judge(models)
         if path.jump_ratio > args.max_path_jump:
             raise GateError(
                 "inconsistent_path",

@@ -144,7 +144,7 @@ _LOG_STAGES = {
     "select": r"kept \d+ frames .* in ([\d.]+) s",
     "features": r"extracted features in ([\d.]+) s",
     "matching": r"matched .* in ([\d.]+) s",
-    "mapping": r"mapping: .* in ([\d.]+) s",
+    "mapping": r"mapping \(\w+\): .* in ([\d.]+) s",
 }
 
 

@@ -526,12 +526,17 @@ def test_global_mapper_and_skip_undistortion(tmp_path):
     assert run.rc == 0, run.stderr
     s = run.summary
     assert s["settings"]["mapper"] == "global"
+    assert "mapping (global):" in run.stderr  # the option reached the mapper, not only the summary
     assert s["frames_registered"] >= 15
     cameras, images, _ = read_classic_model(
         tmp_path / "out" / "images_undistorted" / "sparse" / "0"
     )
     assert [c[0] for c in cameras.values()] == [1]
     assert len(list((tmp_path / "out" / "images_undistorted" / "images").iterdir())) == len(images)
+    # Copied as they are, not resampled by an undistortion.
+    first = sorted((tmp_path / "out" / "frames").glob("*.jpg"))[0]
+    copied = tmp_path / "out" / "images_undistorted" / "images" / first.name
+    assert copied.read_bytes() == first.read_bytes()
 
 
 @pytest.mark.slow
