@@ -32,7 +32,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "tests" / "data"
 OFFICE_VIDEO = DATA / "tum_office_orbit.mp4"
 MIB = 1024 * 1024
 GIB = 1024 * MIB

@@ -4,7 +4,7 @@ and colmap, run as the original script did: bench/original_pipeline.py) on the s
     python bench/preprocess_vs_original.py [--repeats 3] [--videos office,cockatoo,...]
         [--long-run 180] [--original-timeout 900] [--quick]
 
-Videos: the real ones in ../shared/data/ (`office`, `cockatoo`), a synthetic 15 s 960×540
+Videos: the real ones in tests/data/ (`office`, `cockatoo`), a synthetic 15 s 960×540
 orbit (`orbit960`) and a synthetic 60 s 1920×1080 walk (`walk1080`), rendered with
 tests/synthetic_video.py and cached in bench/results/. Both pipelines run as subprocesses with
 their default frame limits (100 kept at most, 20 at least), one after the other, alternating
@@ -375,7 +375,7 @@ def report(results: dict[str, dict[str, Any]], repeats: int, long_run: float) ->
                 f"the original {_outcome(original)} after "
                 f"{median([r['s'] for r in original]):.0f} s"
                 + (
-                    " (as expected: the camera does not move, see ../shared/data/README.md)."
+                    " (as expected: the camera does not move, see tests/data/README.md)."
                     if name == "cockatoo"
                     else "."
                 )

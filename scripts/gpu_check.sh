@@ -9,7 +9,7 @@
 # usage: scripts/gpu_check.sh /path/to/gaussian-splatting-lightning [video]
 #
 # environment:
-#   VIDEO           the video (default: ../shared/data/tum_office_orbit.mp4 beside this repo)
+#   VIDEO           the video (default: tests/data/tum_office_orbit.mp4)
 #   ITERATIONS      training steps (default 300)
 #   PORT            server port (default: a free one)
 #   SERVER_PYTHON   interpreter for our server (default python3)
@@ -28,7 +28,7 @@ die() {
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CHECKOUT=$(cd "$1" 2>/dev/null && pwd) || die "no such folder: $1"
 [[ -f $CHECKOUT/main.py ]] || die "$CHECKOUT has no main.py: not a gaussian-splatting-lightning checkout"
-VIDEO=${2:-${VIDEO:-$REPO/../shared/data/tum_office_orbit.mp4}}
+VIDEO=${2:-${VIDEO:-$REPO/tests/data/tum_office_orbit.mp4}}
 [[ -f $VIDEO ]] || die "no video at $VIDEO"
 ITERATIONS=${ITERATIONS:-300}
 SERVER_PYTHON=${SERVER_PYTHON:-python3}

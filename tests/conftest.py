@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 STAND_INS = Path(__file__).resolve().parent / "stand_ins"
 FAKE_PIPELINE = STAND_INS / "fake_pipeline.py"
 FAKE_TRAINER_DIR = Path(__file__).resolve().parent / "fake_trainer"

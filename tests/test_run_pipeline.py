@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 OFFICE = DATA / "tum_office_orbit.mp4"
 COCKATOO = DATA / "cockatoo_static.mp4"
 if str(REPO) not in sys.path:
