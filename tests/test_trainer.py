@@ -27,21 +27,34 @@ from training_server_trainer import (
     ITERATIONS_MIN,
     PRESETS,
     ResumePlan,
+    TrainerSetup,
     TrainingProgressParser,
     TrainingResultError,
     build_fit_command,
+    check_if_stale,
     check_training_available,
+    checkpoint_steps,
+    choose_down_sample_factor,
     collect_results,
+    config_problem,
+    dataset_image_size,
+    down_sampled_size,
+    explain_trainer_failure,
     find_trainer_checkout,
     is_progress_output,
     latest_checkpoint,
     parse_tqdm_line,
     prepare_downsampled_images,
     prepare_output_dir,
+    prune_snapshots,
     read_ply_header,
+    read_validation_csv,
     resolve_iterations,
     result_files,
+    save_iterations_for,
     trainer_environment,
+    training_quality,
+    write_probe_dataset,
 )
 
 FAKE_CHECKOUT = Path(__file__).parent / "fake_trainer"
@@ -345,12 +358,30 @@ def test_fit_command_has_every_flag(tmp_path):
         "--config", "/opt/gspl/configs/gsplat.yaml",
         "--data.path", "/srv/ws/abc/images_undistorted",
         "--data.parser.down_sample_factor", "2",
+        "--data.parser.split_mode", "experiment",
+        "--data.parser.eval_step", "8",
         "-n", "abc",
         "--output", "/srv/ws/checkpoints",
         "--max_steps", "7000",
+        "--save_iterations", "[2001,4001,6001]",
         "--model.save_ply", "true",
+        "--model.save_val_metrics", "true",
         "--trainer.check_val_every_n_epoch", "10",
     ]  # fmt: skip
+
+
+def test_checkpoints_every_interval_before_the_last_step():
+    assert checkpoint_steps(7000, 2000) == [2000, 4000, 6000]
+    assert checkpoint_steps(6000, 2000) == [2000, 4000]  # the last step always saves
+    assert checkpoint_steps(300, 2000) == []
+    # The trainer saves at the start of step s, named after the s - 1 steps done.
+    assert save_iterations_for([2000, 4000]) == [2001, 4001]
+    common = {"python": "p", "checkout": Path("/c"), "dataset_path": Path("/d"),
+              "output_root": Path("/o"), "name": "n"}  # fmt: skip
+    argv = build_fit_command(**common, iterations=300, checkpoint_every=100, hold_out=False)
+    assert argv[argv.index("--save_iterations") + 1] == "[101,201]"
+    assert argv[argv.index("--data.parser.split_mode") + 1] == "reconstruction"
+    assert build_fit_command(**common, iterations=300, print_config=True)[-1] == "--print_config"
 
 
 def test_fit_command_resume_and_mistakes():
@@ -372,13 +403,23 @@ def test_fit_command_resume_and_mistakes():
         build_fit_command(**{**common, "name": "../etc"})
     with pytest.raises(ValueError, match="iterations"):
         build_fit_command(**{**common, "iterations": 10})
-    with pytest.raises(ValueError, match=r"down_sample_factor must be one of \(1, 2, 4, 8\)"):
-        build_fit_command(**common, down_sample_factor=3)
+    with pytest.raises(ValueError, match="down_sample_factor must be between 1 and 64"):
+        build_fit_command(**common, down_sample_factor=0)
+    assert "3" in build_fit_command(**common, down_sample_factor=3)
+    with pytest.raises(ValueError, match="eval_step"):
+        build_fit_command(**common, eval_step=1)
 
 
 def test_trainer_environment():
     env = trainer_environment({"PATH": "/bin", "COLUMNS": "80", "LINES": "24"})
-    assert env == {"PATH": "/bin", "PYTHONUNBUFFERED": "1", "TQDM_MINITERS": "10"}
+    assert env == {
+        "PATH": "/bin",
+        "PYTHONUNBUFFERED": "1",
+        "TQDM_MINITERS": "10",
+        "WANDB_MODE": "offline",  # a wandb config must not wait for a login
+    }
+    assert trainer_environment({"WANDB_MODE": "online"})["WANDB_MODE"] == "online"
+    assert "WANDB_MODE" not in trainer_environment({"WANDB_API_KEY": "k"})
 
 
 # ------------------------------------------------------------------------------ availability
@@ -476,7 +517,7 @@ def test_resume_from_the_highest_step(tmp_path):
     plan = prepare_output_dir(out, 30_000)
     assert plan == ResumePlan(
         "resume",
-        "Resuming from checkpoint epoch=84-step=1000.ckpt (step 1000 of 30000)",
+        "Training resumed from step 1000 of 30000 (checkpoint checkpoints/epoch=84-step=1000.ckpt)",
         best,
         1000,
     )
@@ -506,7 +547,10 @@ def test_resume_without_a_target_takes_any_usable_checkpoint(tmp_path):
     best = checkpoint(out, 25, 300)
     plan = prepare_output_dir(out)
     assert plan == ResumePlan(
-        "resume", "Resuming from checkpoint epoch=25-step=300.ckpt (step 300)", best, 300
+        "resume",
+        "Training resumed from step 300 (checkpoint checkpoints/epoch=25-step=300.ckpt)",
+        best,
+        300,
     )
 
 
@@ -550,7 +594,9 @@ def dataset(tmp_path) -> Path:
     return root
 
 
-def run_trainer(dataset, output_root, iterations=300, env=None, extra=(), resume=False, factor=1):
+def run_trainer(
+    dataset, output_root, iterations=300, env=None, extra=(), resume=False, factor=1, **options
+):
     argv = build_fit_command(
         python=sys.executable,
         checkout=FAKE_CHECKOUT,
@@ -561,6 +607,7 @@ def run_trainer(dataset, output_root, iterations=300, env=None, extra=(), resume
         down_sample_factor=factor,
         extra_args=list(extra),
         resume=resume,
+        **options,
     )
     return subprocess.run(
         argv,
@@ -586,7 +633,7 @@ STANDARD_PROPERTIES = [
 
 def test_stand_in_trains_and_leaves_the_real_layout(dataset, tmp_path):
     out_root = tmp_path / "checkpoints"
-    done = run_trainer(dataset, out_root)
+    done = run_trainer(dataset, out_root, checkpoint_every=100)
     assert done.returncode == 0, done.stderr.decode()
     parser = TrainingProgressParser(total_steps=300)
     rnd = random.Random(1)
@@ -605,20 +652,27 @@ def test_stand_in_trains_and_leaves_the_real_layout(dataset, tmp_path):
     assert results["ply_path"] == "point_cloud/iteration_300/point_cloud.ply"
     assert results["ply_size_bytes"] == ply.stat().st_size
     assert results["iterations"] == 300
+    # 12 images, every 8th held out: 10 steps an epoch; saved after 100, 200 and 300 steps.
     assert results["checkpoints"] == [
-        "checkpoints/epoch=8-step=100.ckpt",
-        "checkpoints/epoch=16-step=200.ckpt",
-        "checkpoints/epoch=25-step=300.ckpt",
+        "checkpoints/epoch=10-step=100.ckpt",
+        "checkpoints/epoch=20-step=200.ckpt",
+        "checkpoints/epoch=30-step=300.ckpt",
+    ]
+    assert sorted(p.name for p in (out / "point_cloud").iterdir()) == [
+        "iteration_100",
+        "iteration_200",
+        "iteration_300",
     ]
     version = out / "lightning_logs" / "version_0"
     events = next(version.glob("events.out.tfevents.*")).name
-    assert results["other_files"] == [
+    assert [n for n in results["other_files"] if not n.startswith("metrics/")] == [
         "cameras.json",
         "cfg_args",
         "lightning_logs/version_0/config.yaml",
         "lightning_logs/version_0/hparams.yaml",
         f"lightning_logs/version_0/{events}",
     ]
+    assert "metrics/val-step=300.csv" in results["other_files"]
     vertices = PlyData.read(str(ply))["vertex"]
     assert [p.name for p in vertices.properties] == STANDARD_PROPERTIES
     assert read_ply_header(ply).properties == tuple(STANDARD_PROPERTIES)
@@ -634,9 +688,7 @@ def test_download_files_skip_links_and_checkpoints_unless_asked(dataset, tmp_pat
     assert run_trainer(dataset, tmp_path / "c").returncode == 0
     out = tmp_path / "c" / "task"
     secret = touch(tmp_path / "secret.csv", b"do not ship")
-    (out / "metrics").mkdir()
     (out / "metrics" / "leak.csv").symlink_to(secret)
-    touch(out / "metrics" / "val-step=300.csv", b"name,psnr\n")
     (out / "cameras.json").unlink()
     (out / "cameras.json").symlink_to(secret)
     names = [name for _, name in result_files(out, keep_checkpoint=False)]
@@ -644,7 +696,7 @@ def test_download_files_skip_links_and_checkpoints_unless_asked(dataset, tmp_pat
     assert "cameras.json" not in names and "metrics/leak.csv" not in names
     assert not any(name.endswith(".ckpt") for name in names)
     with_ckpt = [name for _, name in result_files(out, keep_checkpoint=True)]
-    assert [n for n in with_ckpt if n.endswith(".ckpt")] == ["checkpoints/epoch=25-step=300.ckpt"]
+    assert [n for n in with_ckpt if n.endswith(".ckpt")] == ["checkpoints/epoch=30-step=300.ckpt"]
     for path, name in result_files(out, keep_checkpoint=True):
         assert path == out / name and not path.is_symlink()
 
@@ -668,7 +720,7 @@ def test_stand_in_refuses_old_results_and_resumes_from_the_last_checkpoint(datas
     for line in resumed.stdout.decode().replace("\r", "\n").splitlines():
         progress = parser.feed_line(line)
         first = first or (progress if progress and progress.step > 300 else None)
-    assert first is not None and first.step <= 312  # within the first epoch of 12 images
+    assert first is not None and first.step <= 310  # within the first epoch of 10 images
     assert parser.latest is not None and parser.latest.step == 400
     results = collect_results(out_root / "task")
     assert results["iterations"] == 400
@@ -746,3 +798,208 @@ def test_down_sampled_images_for_the_stand_in(dataset, tmp_path):
     assert run_trainer(dataset, tmp_path / "c", factor=2).returncode == 0
     cameras = (tmp_path / "c" / "task" / "cameras.json").read_text()
     assert '"width": 32' in cameras and '"height": 24' in cameras
+
+
+# ------------------------------------------------------------------------------ dry run
+
+
+def copy_checkout(tmp_path: Path) -> Path:
+    checkout = tmp_path / "gspl"
+    checkout.mkdir()
+    shutil.copy(FAKE_CHECKOUT / "main.py", checkout / "main.py")
+    return checkout
+
+
+async def test_dry_run_names_a_missing_trainer_module(monkeypatch):
+    monkeypatch.setenv("FAKE_TRAINER_MISSING_MODULE", "plyfile")
+    ok, why = await check_training_available(sys.executable, FAKE_CHECKOUT, False, 60)
+    assert not ok
+    assert why == "the trainer's Python cannot import plyfile: install the trainer's requirements"
+
+
+async def test_dry_run_passes_the_real_flags_and_catches_bad_ones(tmp_path):
+    setup = TrainerSetup(sys.executable, FAKE_CHECKOUT, require_cuda=False, timeout_s=60)
+    ok, why = await check_training_available(sys.executable, FAKE_CHECKOUT, False, 60, setup=setup)
+    assert ok and "passed a dry run" in why
+    bad = TrainerSetup(**{**setup.__dict__, "extra_args": ("--model.no_such_option", "1")})
+    ok, why = await check_training_available(sys.executable, FAKE_CHECKOUT, False, 60, setup=bad)
+    assert not ok
+    assert why == (
+        "the trainer rejects the server's command line or config: "
+        "unrecognized arguments: --model.no_such_option 1"
+    )
+    missing = TrainerSetup(**{**setup.__dict__, "config": tmp_path / "nope.yaml"})
+    ok, why = await check_training_available(
+        sys.executable, FAKE_CHECKOUT, False, 60, setup=missing
+    )
+    assert not ok and "Unable to load config" in why
+
+
+async def test_dry_run_catches_configs_that_would_hang(tmp_path):
+    viewer = tmp_path / "viewer.yaml"
+    viewer.write_text("viewer: true\n")
+    wandb = tmp_path / "colmap_exp.yaml"  # what configs/colmap_exp.yaml does to the logger
+    wandb.write_text("logger: wandb\n")
+    base = TrainerSetup(sys.executable, FAKE_CHECKOUT, require_cuda=False, timeout_s=60)
+    ok, why = await check_training_available(
+        sys.executable,
+        FAKE_CHECKOUT,
+        False,
+        60,
+        setup=TrainerSetup(**{**base.__dict__, "config": viewer}),
+    )
+    assert not ok and "web viewer" in why
+    # wandb runs offline in the trainer's environment unless configured: that works.
+    with_wandb = TrainerSetup(**{**base.__dict__, "config": wandb})
+    ok, why = await check_training_available(
+        sys.executable, FAKE_CHECKOUT, False, 60, setup=with_wandb
+    )
+    assert ok, why
+    online = TrainerSetup(**{**with_wandb.__dict__, "env": (("WANDB_MODE", "online"),)})
+    ok, why = await check_training_available(sys.executable, FAKE_CHECKOUT, False, 60, setup=online)
+    assert not ok and "WANDB_API_KEY" in why
+
+
+def test_failure_sentences():
+    traceback = (
+        'Traceback (most recent call last):\n  File "main.py", line 1, in <module>\n'
+        "ModuleNotFoundError: No module named 'viser.infra'\n"
+    )
+    assert explain_trainer_failure(traceback, 1) == (
+        "the trainer's Python cannot import viser: install the trainer's requirements"
+    )
+    assert "cannot import its own `internal` package" in explain_trainer_failure(
+        "ModuleNotFoundError: No module named 'internal'", 1
+    )
+    assert explain_trainer_failure("Segmentation fault", -11) == (
+        "the trainer's dry run failed (exit status -11): Segmentation fault"
+    )
+    assert config_problem("logger: tensorboard\nviewer: false\n", {}) is None
+    assert config_problem("logger: wandb\n", {"WANDB_MODE": "offline"}) is None
+
+
+async def test_a_stale_check_runs_again(tmp_path):
+    checkout = copy_checkout(tmp_path)
+    setup = TrainerSetup(sys.executable, checkout, require_cuda=False, timeout_s=60)
+    assert (await check_if_stale(setup, 300))[0]
+    (checkout / "main.py").write_text("raise ModuleNotFoundError(\"No module named 'wandb'\")\n")
+    assert (await check_if_stale(setup, 300))[0]  # younger than 300 s: the last answer
+    ok, why = await check_if_stale(setup, 0)
+    assert not ok and "cannot import wandb" in why
+
+
+def test_probe_dataset_is_a_readable_colmap_dataset(tmp_path):
+    dataset = write_probe_dataset(tmp_path / "d")
+    assert dataset_image_size(dataset) == (32, 24)
+    for image in (dataset / "images").iterdir():
+        assert cv2.imread(str(image)).shape == (24, 32, 3)
+
+
+# ------------------------------------------------------------------------------ resolution
+
+
+def test_down_sample_factor_for_the_longest_side(tmp_path):
+    assert choose_down_sample_factor((3840, 2160), 1600) == 3
+    assert down_sampled_size((3840, 2160), 3) == (1280, 720)
+    assert choose_down_sample_factor((2160, 3840), 1600) == 3  # portrait
+    assert choose_down_sample_factor((1600, 900), 1600) == 1
+    assert choose_down_sample_factor((1601, 900), 1600) == 2
+    assert down_sampled_size((4032, 3024), choose_down_sample_factor((4032, 3024), 1600)) == (
+        1344,
+        1008,
+    )
+    sparse = tmp_path / "d" / "sparse" / "0"
+    sparse.mkdir(parents=True)
+    (sparse / "cameras.txt").write_text("# c\n1 PINHOLE 3840 2160 3000 3000 1920 1080\n")
+    assert dataset_image_size(tmp_path / "d") == (3840, 2160)
+
+
+# ------------------------------------------------------------------------------ snapshots
+
+
+def ply(folder: Path, vertices: int = 2, cut: bool = False) -> Path:
+    header = f"ply\nformat binary_little_endian 1.0\nelement vertex {vertices}\n"
+    header += "property float x\nend_header\n"
+    body = b"\0" * (4 * vertices - (4 if cut else 0))
+    return touch(folder / "point_cloud.ply", header.encode() + body)
+
+
+def test_pruning_keeps_the_newest_snapshot_and_the_final(tmp_path):
+    out = tmp_path / "t"
+    for epoch, step in ((10, 100), (20, 200), (30, 300)):
+        checkpoint(out, epoch, step)
+        touch(out / "checkpoints" / f"epoch={epoch}-step={step}-xyz_rgb.ply")
+    writing = touch(out / "checkpoints" / "epoch=40-step=400.ckpt", b"half a zip")
+    touch(out / "checkpoints" / "epoch=5-step=50.ckpt.corrupt")
+    for step in (100, 200):
+        ply(out / "point_cloud" / f"iteration_{step}")
+    ply(out / "point_cloud" / "iteration_300", cut=True)  # being written
+    removed = prune_snapshots(out, final_step=1000)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "epoch=30-step=300-xyz_rgb.ply",
+        "epoch=30-step=300.ckpt",
+        "epoch=40-step=400.ckpt",
+    ]
+    assert writing.exists()
+    assert sorted(p.name for p in (out / "point_cloud").iterdir()) == [
+        "iteration_200",
+        "iteration_300",
+    ]
+    assert "point_cloud/iteration_100" in removed
+    ply(out / "point_cloud" / "iteration_1000")
+    ply(out / "point_cloud" / "iteration_300")
+    prune_snapshots(out, final_step=1000)
+    assert sorted(p.name for p in (out / "point_cloud").iterdir()) == ["iteration_1000"]
+
+
+# ------------------------------------------------------------------------------ quality
+
+
+def test_validation_figures_from_the_progress_bar():
+    parser = TrainingProgressParser(total_steps=7)
+    parser.feed(
+        "[colmap dataparser] train set images: 3, val set images: 1, loaded mask: 0\n"
+        + CAPTURED_FIT_STDOUT
+    )
+    assert parser.image_counts == (3, 1)
+    assert parser.validation == {
+        "loss": 0.2, "rgb_diff": 0.15, "ssim": 0.62, "psnr": 15.8, "lpips": 0.6
+    }  # fmt: skip
+    assert parser.validation_step == 6
+
+
+def test_quality_prefers_the_metrics_csv_of_the_last_step(dataset, tmp_path):
+    done = run_trainer(dataset, tmp_path / "c", iterations=305, hold_out=True)
+    assert done.returncode == 0, done.stderr.decode()
+    out = tmp_path / "c" / "task"
+    parser = TrainingProgressParser(total_steps=305)
+    parser.feed(done.stdout)
+    quality = training_quality(out, 305, parser, hold_out=True)
+    figures, images = read_validation_csv(out / "metrics" / "val-step=305.csv")
+    assert images == 2  # frames 0 and 8 of 12
+    assert quality is not None
+    assert (quality["psnr"], quality["ssim"], quality["lpips"]) == (
+        figures["psnr"], figures["ssim"], figures["lpips"]
+    )  # fmt: skip
+    assert (quality["eval_images"], quality["split"], quality["step"]) == (2, "held_out", 305)
+    assert quality["note"] == "PSNR and SSIM on 2 held-out frames the model never saw"
+    # Without the CSV: the bar's figures, rounded as the bar shows them (3 digits).
+    shutil.rmtree(out / "metrics")
+    from_bar = training_quality(out, 305, parser, hold_out=True)
+    assert from_bar is not None and from_bar["source"] == "progress_bar"
+    assert from_bar["psnr"] == float(f"{figures['psnr']:.3g}")
+    assert from_bar["eval_images"] == 2
+
+
+def test_quality_on_training_views_says_so_and_lpips_may_be_skipped(tmp_path):
+    out = tmp_path / "t"
+    touch(
+        out / "metrics" / "val-step=300.csv",
+        b"name,loss,ssim,psnr\r\na.jpg,0.1,0.9,30.5\r\n,,,\r\nMEAN,0.1,0.9,30.5\r\n",
+    )
+    quality = training_quality(out, 300, TrainingProgressParser(300), hold_out=False)
+    assert quality is not None
+    assert (quality["psnr"], quality["lpips"], quality["split"]) == (30.5, None, "training_views")
+    assert "training views (no frames held out)" in quality["note"]
+    assert quality["note"].endswith("LPIPS skipped (the trainer reported none)")
+    assert training_quality(tmp_path / "none", 300, TrainingProgressParser(300), True) is None

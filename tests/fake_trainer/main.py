@@ -1,10 +1,15 @@
 """Stand-in for gaussian-splatting-lightning's `main.py`, used ONLY by this project's tests.
 
 It trains nothing. It accepts the command line that `training_server_trainer.build_fit_command`
-builds (`fit --data.parser Colmap --data.path D -n NAME --output DIR --max_steps N
---model.save_ply true [--config F] [--ckpt_path last] ...`), rejects unknown flags the way the
-real CLI (jsonargparse) does (usage + `error: unrecognized arguments: ...`, exit status 2), and
+builds (`fit --data.parser Colmap --data.path D [--data.parser.split_mode M --data.parser.eval_step
+K] -n NAME --output DIR --max_steps N --save_iterations [..] --model.save_ply true
+[--config F] [--ckpt_path last] [--print_config] ...`), rejects unknown flags the way the real
+CLI (jsonargparse) does (usage + `error: unrecognized arguments: ...`, exit status 2), and
 behaves like the real trainer where the server can see it:
+
+- `--print_config` prints the parsed configuration as YAML (top-level `logger`, `viewer`,
+  `max_steps`, ...; a config file's top-level `logger:`/`viewer:` count, later flags win) and
+  exits 0 before touching the dataset, as LightningCLI does;
 
 - progress on stdout in the real format: Lightning's `Epoch E` bar at line offset 2 and the
   trainer's `Training` bar (global step / max_steps) at offset 1, redrawn with `\\r` and moved
@@ -16,10 +21,19 @@ behaves like the real trainer where the server can see it:
   Gaussian Splatting PLY: x y z nx ny nz f_dc_0..2 f_rest_0..44 opacity scale_0..2 rot_0..3,
   seeded from `sparse/0/points3D.bin` when readable; the real trainer leaves out the unused
   normals nx ny nz, the original 3DGS writes them), `checkpoints/epoch=E-step=S.ckpt`
-  (small zip files) at the `--save_iterations` steps, every FAKE_TRAINER_CHECKPOINT_EVERY
-  steps and at the end, and `metrics/val-step=S.csv` with `--model.save_val_metrics true`;
+  (small zip files) and `checkpoints/epoch=E-step=S-xyz_rgb.ply` exactly where the real one
+  saves: at the start of step s for each s in `--save_iterations` below max_steps, named
+  after the s - 1 steps done (not again right after resuming from that step), and at the end
+  (named epoch+1 as Lightning counts the stopped epoch), and `metrics/val-step=S.csv` (the
+  real columns name,loss,rgb_diff,ssim,psnr,lpips, csv line ends, a blank row, a MEAN row)
+  with `--model.save_val_metrics true`;
+- `--data.parser.split_mode experiment` trains on the images whose index is not a multiple
+  of `--data.parser.eval_step` and validates on the others; `reconstruction` (the default)
+  trains on all and validates on every eval_step-th; validation figures are lower on
+  held-out images;
 - it refuses to start when the output folder holds `point_cloud/` or `checkpoints/` and no
-  `--ckpt_path` was given, and `--ckpt_path last` continues from the highest-step checkpoint;
+  `--ckpt_path` was given, and `--ckpt_path last` continues from the highest-step checkpoint
+  inside the epoch it stopped in (Lightning goes on counting that epoch's batches);
 - it needs `{data.path}/sparse[/0]/cameras.{bin,txt}` and `{data.path}/images/` (or
   `images_{factor}/` with `--data.parser.down_sample_factor factor`), like the real parser.
 
@@ -32,8 +46,9 @@ Environment:
     FAKE_TRAINER_HANG_AT           step where it stops printing and sleeps forever (default:
                                    half way), after starting a child that ignores SIGTERM
                                    (its pid goes to {output}/{name}/fake_trainer_child.pid)
-    FAKE_TRAINER_CHECKPOINT_EVERY  extra checkpoint period in steps (default 100; 0: none)
     FAKE_TRAINER_GAUSSIANS         Gaussians in the .ply (default 3000)
+    FAKE_TRAINER_MISSING_MODULE    a module the trainer imports that is "not installed": every
+                                   run ends at once with Python's ModuleNotFoundError
     TQDM_MINITERS                  redraw the epoch bar every N steps, as Lightning does
 
 Only the Python standard library is used.
@@ -42,6 +57,7 @@ Only the Python standard library is used.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -113,6 +129,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data.path", dest="data_path")
     p.add_argument("--data.parser", dest="data_parser", default="Colmap")
     p.add_argument("--data.parser.down_sample_factor", dest="factor", type=int, default=1)
+    p.add_argument(
+        "--data.parser.split_mode",
+        dest="split_mode",
+        choices=["reconstruction", "experiment"],
+        default="reconstruction",
+    )
+    p.add_argument("--data.parser.eval_step", dest="eval_step", type=int, default=8)
     p.add_argument("-n", "--name")
     p.add_argument("-v", "--version")
     p.add_argument("--output", default=str(Path(__file__).resolve().parent / "outputs"))
@@ -124,7 +147,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--save_iterations", type=int_list, default=[7_000, 30_000])
     p.add_argument("--ckpt_path")
     p.add_argument("--pbar_rate", type=int)
-    p.add_argument("--logger", default="tensorboard")
+    p.add_argument("--logger")
+    p.add_argument("--viewer", action="store_const", const=True)
+    p.add_argument("--print_config", action="store_true")
     args = p.parse_args(argv[1:])
     if args.data_parser not in {"Colmap", "internal.dataparsers.colmap_dataparser.Colmap"}:
         p.error(f'Parser key "data.parser": the stand-in only knows Colmap, not {args.data_parser}')
@@ -132,10 +157,41 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(
             'Key "data.path" is required but not included in config object or its value is None'
         )
+    from_configs: dict[str, str] = {}
     for config in args.config:
         if not Path(config).is_file():
             p.error(f'Parser key "config": Unable to load config "{config}"')
+        for line in Path(config).read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key in {"logger", "viewer"}:
+                from_configs[key] = value.strip()
+    args.logger = args.logger or from_configs.get("logger", "tensorboard")
+    args.viewer = args.viewer or from_configs.get("viewer", "false").lower() == "true"
+    if args.eval_step <= 1:
+        p.error("eval_step must > 1")
     return args
+
+
+def print_config(args: argparse.Namespace) -> None:
+    """What `--print_config` prints (the keys the server reads, in jsonargparse's YAML)."""
+    max_steps = args.max_steps if args.max_steps is not None else args.trainer_max_steps
+    print(
+        "# lightning.pytorch==2.3.3 (printed by the test stand-in)\n"
+        f"seed_everything: 42\ntrainer:\n  accelerator: gpu\n  max_steps: {max_steps}\n"
+        f"model:\n  save_iterations:\n"
+        + "".join(f"  - {s}\n" for s in args.save_iterations)
+        + f"  save_ply: {str(args.save_ply).lower()}\n"
+        f"data:\n  path: {args.data_path}\n  parser:\n"
+        "    class_path: internal.dataparsers.colmap_dataparser.Colmap\n    init_args:\n"
+        f"      split_mode: {args.split_mode}\n      eval_step: {args.eval_step}\n"
+        f"      down_sample_factor: {args.factor}\n"
+        f"max_steps: {args.max_steps if args.max_steps is not None else 'null'}\n"
+        f"name: {args.name or 'null'}\nsave_iterations:\n"
+        + "".join(f"- {s}\n" for s in args.save_iterations)
+        + f"logger: {args.logger}\noutput: {args.output}\n"
+        f"viewer: {str(args.viewer).lower()}\nckpt_path: {args.ckpt_path or 'null'}",
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------------------ progress bars
@@ -418,16 +474,19 @@ class Run:
         events = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.0"
         (logs / events).write_bytes(b"placeholder written by the test stand-in\n")
 
-    def write_metrics(self, step: int, val_images: list[str], psnr: float) -> None:
+    def write_metrics(self, step: int, rows: list[tuple[str, dict[str, float]]]) -> None:
+        """metrics/val-step=S.csv as GaussianSplatting.on_validation_epoch_end writes it."""
         folder = self.output / "metrics"
         folder.mkdir(exist_ok=True)
-        rows = [f"{name},{psnr:.8f},0.10000000,0.80000000,0.20000000" for name in val_images]
-        text = (
-            "name,psnr,loss,ssim,lpips\n"
-            + "\n".join(rows)
-            + f"\n,,,,\nMEAN,{psnr:.8f},0.10000000,0.80000000,0.20000000\n"
-        )
-        (folder / f"val-step={step}.csv").write_text(text)
+        fields = list(rows[0][1])
+        with (folder / f"val-step={step}.csv").open("w") as f:  # csv's own \r\n line ends
+            writer = csv.writer(f)
+            writer.writerow(["name", *fields])
+            for name, metrics in rows:
+                writer.writerow([name, *(f"{metrics[k]:.8f}" for k in fields)])
+            writer.writerow([""] * (len(fields) + 1))
+            means = (sum(m[k] for _, m in rows) / len(rows) for k in fields)
+            writer.writerow(["MEAN", *(f"{v:.8f}" for v in means)])
 
 
 # ------------------------------------------------------------------------------ training
@@ -478,6 +537,14 @@ def stop_here(output: Path) -> NoReturn:
         time.sleep(3600)
 
 
+def split(images: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(train, val) as ColmapDataParser.build_step_split_indices picks them."""
+    if args.split_mode == "experiment":
+        train_set = [n for i, n in enumerate(images) if i % args.eval_step != 0]
+        return train_set, images[:: args.eval_step]
+    return list(images), images[:: args.eval_step]
+
+
 def train(args: argparse.Namespace) -> None:
     max_steps = args.max_steps if args.max_steps is not None else args.trainer_max_steps
     name = args.name or "_".join(args.data_path.strip("/").split("/")[-3:])
@@ -493,9 +560,10 @@ def train(args: argparse.Namespace) -> None:
             "please specific a different experiment name (-n) or version (-v)"
         )
     images, camera, points = load_dataset(args)
+    train_images, val_images = split(images, args)
     print(
-        f"[colmap dataparser] train set images: {len(images)}, "
-        f"val set images: {len(images[::8])}, loaded mask: 0",
+        f"[colmap dataparser] train set images: {len(train_images)}, "
+        f"val set images: {len(val_images)}, loaded mask: 0",
         flush=True,
     )
     sys.stderr.write(
@@ -512,12 +580,13 @@ def train(args: argparse.Namespace) -> None:
     )
     if os.environ.get("FAKE_TRAINER_MODE") == "offline":
         fail_to_download()
-    run = Run(args, output, images, points)
+    run = Run(args, output, train_images, points)
     run.write_setup_files(camera, version)
-    epoch, step = 0, 0
+    epoch, step, restored = 0, 0, -1
     if ckpt_path is not None:
         sys.stderr.write(f"Restoring states from the checkpoint path at {ckpt_path}\n")
         epoch, step = load_checkpoint(Path(ckpt_path))
+        restored = step
         sys.stderr.write(f"Restored all states from the checkpoint at {ckpt_path}\n")
     sys.stderr.flush()
     if step >= max_steps:
@@ -530,9 +599,9 @@ def train(args: argparse.Namespace) -> None:
     half = max(step + 1, max_steps // 2)
     crash_at = int(env.get("FAKE_TRAINER_CRASH_AT", half)) if mode == "crash" else -1
     hang_at = int(env.get("FAKE_TRAINER_HANG_AT", half)) if mode == "hang" else -1
-    every = int(env.get("FAKE_TRAINER_CHECKPOINT_EVERY", "100"))
     refresh = max(int(env.get("TQDM_MINITERS", "1")), args.pbar_rate or 1)
-    per_epoch, val_images, rnd = len(images), images[::8], random.Random(step)
+    per_epoch, rnd = len(train_images), random.Random(step)
+    held_out = args.split_mode == "experiment"
 
     sanity = Bar("Sanity Checking", 2, None, lightning=True, leave=False)
     sanity.reset(1)
@@ -545,16 +614,14 @@ def train(args: argparse.Namespace) -> None:
     overall.n = step  # update(global_step) right after drawing: too soon to redraw
     epoch_metrics: dict[str, Any] = {}
     train_metrics: dict[str, Any] = {}
-    batch = 0
+    # Lightning resumes inside the epoch the checkpoint was saved in, counting on its batches.
+    batch = step - epoch * per_epoch if 0 <= step - epoch * per_epoch < per_epoch else 0
     while step < max_steps:
         main_bar.reset(per_epoch)
         main_bar.set_description(f"Epoch {epoch}")
-        batch = 0
         while batch < per_epoch and step < max_steps:
-            if step + 1 in args.save_iterations and step + 1 < max_steps:
+            if step + 1 in args.save_iterations and step + 1 < max_steps and step != restored:
                 run.save(epoch, step)  # the trainer saves before the step, named after step - 1
-            elif every and step % every == 0 and step > 0 and step + 1 < max_steps:
-                run.save(epoch, step)
             if step + 1 == hang_at:
                 stop_here(output)
             if step + 1 == crash_at:
@@ -571,40 +638,47 @@ def train(args: argparse.Namespace) -> None:
                 main_bar.n = batch
                 main_bar.refresh()
                 main_bar.set_postfix(train_metrics)
-        if batch == per_epoch and (epoch + 1) % args.val_every == 0:
-            epoch_metrics.update(validate(run, main_bar, step, val_images))
+        ended_epoch = batch == per_epoch
+        if ended_epoch and (epoch + 1) % args.val_every == 0:
+            epoch_metrics.update(validate(run, main_bar, step, val_images, held_out))
         main_bar.set_postfix(train_metrics)
         epoch_metrics.update(train_metrics)
         overall.set_postfix(epoch_metrics)
         overall.update(per_epoch)
-        epoch += 1
+        epoch, batch = epoch + 1, 0
     sys.stderr.write(f"`Trainer.fit` stopped: `max_steps={max_steps}` reached.\n")
     run.save(epoch, step)
-    if batch != per_epoch:
-        validate(run, main_bar, step, val_images)
+    if not ended_epoch:  # ValidateOnTrainEnd
+        validate(run, main_bar, step, val_images, held_out)
     main_bar.close()
     overall.close()
 
 
-def validate(run: Run, main_bar: Bar, step: int, val_images: list[str]) -> dict[str, Any]:
+def validate(
+    run: Run, main_bar: Bar, step: int, val_images: list[str], held_out: bool
+) -> dict[str, Any]:
     bar = Bar("Validation", 3, None, lightning=True, leave=False)
     bar.reset(len(val_images))
     bar.set_description("Validation DataLoader 0")
-    for i in range(len(val_images)):
+    rows = []
+    # A stand-in's figures: rising with the steps, lower on images the model never saw.
+    base = 18.0 + 10.0 * (1 - math.exp(-step / 3000)) - (2.5 if held_out else 0.0)
+    for i, name in enumerate(val_images):
+        psnr = base + 0.3 * math.sin(i)
+        rows.append(
+            (name, {"loss": 0.1, "rgb_diff": 0.05, "ssim": 0.6 + psnr / 100,
+                    "psnr": psnr, "lpips": 0.5 - psnr / 100})
+        )  # fmt: skip
         bar.n = i + 1
         bar.refresh()
-    psnr = 18.0 + 10.0 * (1 - math.exp(-step / 3000))
     metrics = {
-        "val/loss": 0.1,
-        "val/rgb_diff": 0.05,
-        "val/ssim": 0.8,
-        "val/psnr": psnr,
-        "val/lpips": 0.2,
+        f"val/{k}": sum(m[k] for _, m in rows) / len(rows)
+        for k in ("loss", "rgb_diff", "ssim", "psnr", "lpips")
     }
     main_bar.set_postfix(metrics)
     bar.close()
     if run.args.save_val_metrics:
-        run.write_metrics(step, val_images, psnr)
+        run.write_metrics(step, rows)
     return metrics
 
 
@@ -628,5 +702,16 @@ def render_step(step: int) -> None:
     )
 
 
+def main() -> None:
+    if missing := os.environ.get("FAKE_TRAINER_MISSING_MODULE"):
+        # What `from internal.entrypoints.gspl import cli` ends in when a requirement is absent.
+        raise ModuleNotFoundError(f"No module named '{missing}'", name=missing)
+    args = parse_args(sys.argv[1:])
+    if args.print_config:
+        print_config(args)
+        return
+    train(args)
+
+
 if __name__ == "__main__":
-    train(parse_args(sys.argv[1:]))
+    main()
