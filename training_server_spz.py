@@ -54,6 +54,10 @@ DEFAULT_FRACTIONAL_BITS = 12  # the spec's choice: 1/4096 of a unit
 POSITION_LIMIT = (1 << 23) - 1  # largest 24-bit signed value
 SQRT1_2 = math.sqrt(0.5)
 COMPRESS_LEVEL = 6  # zlib's default, as the reference writer uses
+# Run-length-only matching: the quantised bytes repeat in runs (SH buckets, mostly zero) but
+# rarely as longer strings, so on this payload Z_RLE is both smaller than zlib's default
+# strategy (about 3 %) and about 6× faster. Any inflater reads it: it is plain deflate.
+COMPRESS_STRATEGY = zlib.Z_RLE
 COMPRESS_CHUNK = 8 << 20  # bytes per independently deflated piece of the one gzip stream
 
 # The spec's RDF (.ply, COLMAP, OpenCV) -> RUB (SPZ, three.js) conversion: x stays, y and z flip.
@@ -362,28 +366,46 @@ def sh_rotation(rotation: np.ndarray, degree: int) -> np.ndarray:
     return solution
 
 
+def sh_rotation_block(rotation: np.ndarray, degree: int) -> np.ndarray:
+    """The block-diagonal matrix turning all K = (degree+1)² − 1 higher-order coefficients of
+    one channel at once (bands 1…degree, each by `sh_rotation`)."""
+    k = sh_coefficients(degree)
+    block = np.zeros((k, k))
+    for band in range(1, degree + 1):
+        lo, hi = sh_coefficients(band - 1), sh_coefficients(band)
+        block[lo:hi, lo:hi] = sh_rotation(rotation, band)
+    return block
+
+
+def rotate_sh(sh: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """Higher-order SH coefficients (N, K, 3) turned by a 3×3 rotation (see `sh_rotation`)."""
+    n, k, _ = sh.shape
+    if k == 0:
+        return sh
+    block = sh_rotation_block(rotation, sh_degree_for(k))
+    off_diagonal = block - np.diag(np.diag(block))
+    if np.max(np.abs(off_diagonal)) < 1e-9:  # axis flips (the default frame): signs only
+        return (sh * np.diag(block).astype(np.float32)[None, :, None]).astype(np.float32)
+    # One matrix product over every Gaussian and channel: (N·3, K) @ Dᵀ.
+    per_channel = np.ascontiguousarray(sh.transpose(0, 2, 1), dtype=np.float32).reshape(n * 3, k)
+    turned = (per_channel @ block.T.astype(np.float32)).reshape(n, 3, k)
+    return np.ascontiguousarray(turned.transpose(0, 2, 1))
+
+
 def transform_gaussians(gaussians: Gaussians, matrix: np.ndarray) -> Gaussians:
     """The Gaussians moved by a 4×4 similarity: positions p → s·R·p + t, rotations q → q_R ⊗ q,
     log scales + ln s, and each SH band turned by its rotation matrix."""
     scale, rotation, translation = split_similarity(matrix)
     positions = gaussians.positions.astype(np.float64) @ (scale * rotation).T + translation
-    turn = rotation_to_quaternion(rotation)
-    rotations = quaternion_multiply(turn[None, :], gaussians.rotations.astype(np.float64))
-    sh = gaussians.sh
-    if sh.shape[1]:
-        sh64 = sh.astype(np.float64)
-        bands = []
-        for band in range(1, gaussians.sh_degree + 1):
-            lo, hi = sh_coefficients(band - 1), sh_coefficients(band)
-            bands.append(np.einsum("ij,njc->nic", sh_rotation(rotation, band), sh64[:, lo:hi]))
-        sh = np.concatenate(bands, axis=1).astype(np.float32)
+    turn = rotation_to_quaternion(rotation).astype(np.float32)
+    rotations = quaternion_multiply(turn[None, :], gaussians.rotations.astype(np.float32))
     return Gaussians(
         positions=positions.astype(np.float32),
         scales=(gaussians.scales + np.float32(math.log(scale))).astype(np.float32),
         rotations=rotations.astype(np.float32),
         alphas=gaussians.alphas,
         colors=gaussians.colors,
-        sh=sh,
+        sh=rotate_sh(gaussians.sh, rotation),
     )
 
 
@@ -448,7 +470,7 @@ def _gzip(data: bytes | memoryview, workers: int = 2) -> bytes:
     pieces = [view[i : i + COMPRESS_CHUNK] for i in range(0, len(view), COMPRESS_CHUNK)] or [view]
 
     def deflate(index: int) -> bytes:
-        packer = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -15, 9)
+        packer = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -15, 9, COMPRESS_STRATEGY)
         last = index == len(pieces) - 1
         return packer.compress(pieces[index]) + packer.flush(
             zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH
