@@ -272,7 +272,9 @@ def test_tasks_keeps_ids_beside_the_task_objects_and_paging(client, completed):
     ids, items = body["tasks"], body["items"]
     assert [item["task_id"] for item in items] == ids
     assert body["total"] == len(ids) >= 2
-    assert (body["limit"], body["offset"]) == (100, 0)
+    assert isinstance(body["limit"], int)
+    assert body["limit"] >= len(ids)
+    assert body["offset"] == 0
     for item in items:
         assert_seed_status(item, item["task_id"])
     # Paging and filters choose the ids the same way they choose the objects.
