@@ -19,4 +19,12 @@ if [ -f package-lock.json ] && command -v npm >/dev/null 2>&1; then
         npm ci --no-audit --no-fund --loglevel=error || echo "npm ci failed: the page's 3D viewers will be missing" >&2
     fi
 fi
+# Training: on a machine with an NVIDIA GPU the first start installs gaussian-splatting-lightning,
+# its CUDA extensions and PyTorch into third_party/ (later starts skip what is done; README.md,
+# "Training on a GPU"). TRAINING_SERVER_INSTALL_TRAINER=never skips this, and an explicit
+# TRAINING_SERVER_TRAINER_PATH wins. A failed install does not stop the server: /health says why.
+if ! .venv/bin/python training_server_install.py --root third_party; then
+    echo "serve.sh: the trainer is not installed; starting without training (see /health)" >&2
+fi
+eval "$(.venv/bin/python training_server_install.py --root third_party --exports)"
 exec .venv/bin/python training_server.py "$@"
