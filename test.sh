@@ -28,4 +28,5 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+node --test tests/js/
 exec .venv/bin/python -m pytest "$@"
