@@ -35,7 +35,8 @@ async def check_assets(client: httpx.AsyncClient) -> None:
     html = page.text
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
     assert '"three": "./vendor/three/build/three.module.js"' in html
-    assets = ["static/app.js", "static/api.js", "static/format.js", "static/viewer3d.js"]
+    assets = [f"static/{path.name}" for path in sorted((REPO / "static").glob("*.js"))]
+    assert "static/main.js" in assets
     assert (await client.get("/static/favicon.svg")).status_code == 200
     for asset in [*assets, "static/style.css"]:
         answer = await client.get(f"/{asset}")

@@ -1,0 +1,160 @@
+// The upload form: choose or drop a video, set the frames and training options, send it with
+// a progress bar (bytes, speed, time left) that can be stopped; the new task then opens.
+
+import { $, h, setBar, setText, show } from "./dom.js";
+import * as fmt from "./format.js";
+import { createUploadMeter, uploadErrorTitle, uploadFields } from "./upload-fields.js";
+
+const FIELD_IDS = {
+  minFrames: "min-frames",
+  maxFrames: "max-frames",
+  iterations: "iterations",
+};
+
+/**
+ * @param {Document} doc
+ * @param {{api: object, notify: {announce: Function, toast: Function},
+ *   onUploaded: (taskId: string) => void}} ctx
+ */
+export function mountUpload(doc, ctx) {
+  const form = $("#upload-form", doc);
+  const input = $("#file-input", doc);
+  const zone = $("#dropzone", doc);
+  const button = $("#upload-button", doc);
+  const errorBox = $("#upload-error", doc);
+  const barElement = $("#upload-bar", doc);
+  const numbers = $("#upload-numbers", doc);
+  let file = null;
+  let request = null;
+
+  function choose(chosen) {
+    file = chosen || null;
+    zone.classList.toggle("has-file", Boolean(file));
+    if (file) {
+      setText($("#file-title", doc), file.name);
+      setText($("#file-hint", doc), `${fmt.bytes(file.size)} · choose another or drop it here`);
+    } else {
+      setText($("#file-title", doc), "Choose a video");
+      setText($("#file-hint", doc), "or drop it here · walk around the subject while filming");
+    }
+    show(errorBox, false);
+    button.disabled = !file || Boolean(request);
+  }
+
+  function formValues() {
+    return {
+      minFrames: $("#min-frames", doc).value,
+      maxFrames: $("#max-frames", doc).value,
+      preset: $("#preset", doc).value,
+      iterations: $("#iterations", doc).value,
+      autoTraining: $("#auto-training", doc).checked,
+      downSample: $("#down-sample", doc).value,
+      keepCheckpoint: $("#keep-checkpoint", doc).checked,
+    };
+  }
+
+  function showError(title, detail) {
+    errorBox.replaceChildren(h("strong", {}, title), " ", detail);
+    show(errorBox, true);
+  }
+
+  function setUploading(active) {
+    for (const element of form.querySelectorAll("input, select, fieldset")) {
+      element.disabled = active;
+    }
+    button.disabled = active || !file;
+    show($("#upload-cancel", doc), active);
+    show($("#upload-progress", doc), active);
+    zone.classList.toggle("disabled", active);
+  }
+
+  async function submit(event) {
+    event.preventDefault();
+    if (!file || request) return;
+    const { params, problems } = uploadFields(formValues());
+    if (problems.length) {
+      showError("Check the settings.", problems.map((p) => p.text).join(" "));
+      $(`#${FIELD_IDS[problems[0].field]}`, doc).focus();
+      return;
+    }
+    show(errorBox, false);
+    const sending = file;
+    const meter = createUploadMeter();
+    barElement.dataset.phase = "sending";
+    setBar(barElement, 0, "busy");
+    setText(numbers, `0 B of ${fmt.bytes(sending.size)}`);
+    let lastQuarter = 0;
+    request = ctx.api.upload(sending, params, {
+      onProgress: ({ loaded, total }) => {
+        // Count the file's bytes, not the form's boundaries around them.
+        const fraction = total ? Math.min(1, loaded / total) : 0;
+        const percent = 100 * fraction;
+        setBar(barElement, percent);
+        const sent = Math.round(fraction * sending.size);
+        setText(numbers, meter.line(sent, sending.size, performance.now()));
+        const quarter = Math.floor(percent / 25);
+        if (quarter > lastQuarter) {
+          lastQuarter = quarter;
+          ctx.notify.announce(`Upload ${quarter * 25} percent`);
+        }
+      },
+      onSent: () => {
+        setBar(barElement, 100);
+        barElement.dataset.phase = "checking";
+        setText(numbers, `${fmt.bytes(sending.size)} sent · the server is checking the video…`);
+      },
+    });
+    setUploading(true);
+    try {
+      const answer = await request.promise;
+      ctx.notify.announce(`${sending.name} uploaded`);
+      ctx.notify.toast(`${sending.name} uploaded: preprocessing starts.`, "ok");
+      if (params.auto_training === "true" && !answer.training_available) {
+        ctx.notify.toast(
+          `Training is not available on this server (${answer.training_unavailable_reason}); ` +
+            "the task will stop after preprocessing.",
+          "warn",
+          10000,
+        );
+      }
+      request = null;
+      setUploading(false);
+      input.value = "";
+      choose(null);
+      ctx.onUploaded(answer.task_id);
+    } catch (error) {
+      request = null;
+      setUploading(false);
+      if (error.status === -1) ctx.notify.toast("Upload stopped.", "info");
+      else showError(uploadErrorTitle(error.status), error.detail);
+    } finally {
+      delete barElement.dataset.phase;
+    }
+  }
+
+  input.addEventListener("change", () => choose(input.files[0]));
+  for (const name of ["dragenter", "dragover"]) {
+    zone.addEventListener(name, (event) => {
+      event.preventDefault();
+      if (!request) zone.classList.add("dragging");
+    });
+  }
+  for (const name of ["dragleave", "dragend"]) {
+    zone.addEventListener(name, () => zone.classList.remove("dragging"));
+  }
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    if (request) return;
+    const dropped = event.dataTransfer?.files?.[0];
+    if (dropped) choose(dropped);
+  });
+  // A file dropped anywhere else must not make the browser leave the page.
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => event.preventDefault());
+  $("#preset", doc).addEventListener("change", (event) => {
+    show($("#iterations-field", doc), event.target.value === "custom");
+  });
+  form.addEventListener("submit", submit);
+  $("#upload-cancel", doc).addEventListener("click", () => request?.abort());
+}
