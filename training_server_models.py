@@ -11,7 +11,21 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training_server_trainer import DEFAULT_ITERATIONS, ITERATIONS_MAX, ITERATIONS_MIN, PRESETS
+from training_server_trainer import (
+    CHECKPOINT_EVERY_MIN,
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_EVAL_STEP,
+    DEFAULT_HOLD_OUT,
+    DEFAULT_ITERATIONS,
+    DEFAULT_MAX_IMAGE_SIZE,
+    DEFAULT_RECHECK_AFTER,
+    DOWN_SAMPLE_FACTORS,
+    IMAGE_SIZE_MAX,
+    IMAGE_SIZE_MIN,
+    ITERATIONS_MAX,
+    ITERATIONS_MIN,
+    PRESETS,
+)
 
 HERE = Path(__file__).resolve().parent
 GIB = 1024**3
@@ -93,6 +107,17 @@ class ServerConfig(BaseSettings):
     trainer_extra_args: list[str] = Field(default_factory=list)
     trainer_require_cuda: bool = True
     trainer_check_timeout: float = Field(120, gt=0)
+    trainer_recheck_after: float = Field(
+        DEFAULT_RECHECK_AFTER, ge=0, description="seconds before a training re-checks the trainer"
+    )
+    trainer_checkpoint_every: int = Field(
+        DEFAULT_CHECKPOINT_EVERY, ge=CHECKPOINT_EVERY_MIN, description="steps between snapshots"
+    )
+    trainer_max_image_size: int = Field(
+        DEFAULT_MAX_IMAGE_SIZE, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX, description="pixels"
+    )
+    trainer_hold_out: bool = DEFAULT_HOLD_OUT
+    trainer_eval_step: int = Field(DEFAULT_EVAL_STEP, ge=2, le=1000)
 
 
 class TrainingOptions(BaseModel):
@@ -102,13 +127,20 @@ class TrainingOptions(BaseModel):
 
     iterations: int | None = Field(None, ge=ITERATIONS_MIN, le=ITERATIONS_MAX)
     preset: Literal["fast", "full"] | None = None
-    down_sample_factor: Literal[1, 2, 4, 8] = 1
+    # None: the factor that brings the longest side to max_image_size (or the server's).
+    down_sample_factor: int | None = None
+    max_image_size: int | None = Field(None, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
+    hold_out: bool | None = None  # None: the server's trainer_hold_out
     keep_checkpoint: bool = False
 
     @model_validator(mode="after")
     def _one_of_iterations_or_preset(self) -> TrainingOptions:
         if self.iterations is not None and self.preset is not None:
             raise ValueError("give either iterations or preset, not both")
+        if self.down_sample_factor is not None and self.max_image_size is not None:
+            raise ValueError("give either down_sample_factor or max_image_size, not both")
+        if self.down_sample_factor not in (None, *DOWN_SAMPLE_FACTORS):
+            raise ValueError("down_sample_factor must be 1, 2, 4 or 8")
         return self
 
 
@@ -137,7 +169,9 @@ class TaskParams(BaseModel):
     min_frames: int
     auto_training: bool
     iterations: int
-    down_sample_factor: int = 1
+    down_sample_factor: int | None = None  # None: chosen from max_image_size
+    max_image_size: int | None = None  # None: the server's trainer_max_image_size
+    hold_out: bool | None = None  # None: the server's trainer_hold_out
     keep_checkpoint: bool = False
 
 

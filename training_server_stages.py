@@ -261,10 +261,35 @@ async def preprocess(ctx: StageContext) -> StageResult:
 # -- training ----------------------------------------------------------------------------
 
 
-def _training_fields(update: trainer.TrainingProgress) -> dict[str, Any]:
+def trainer_setup(settings: ServerConfig, checkout: Path | None) -> trainer.TrainerSetup:
+    """The trainer as the server's settings run it (what a dry run checks)."""
+    return trainer.TrainerSetup(
+        python=settings.trainer_python,
+        checkout=checkout,
+        require_cuda=settings.trainer_require_cuda,
+        timeout_s=settings.trainer_check_timeout,
+        config=settings.trainer_config,
+        extra_args=tuple(settings.trainer_extra_args),
+        iterations=settings.trainer_iterations,
+        checkpoint_every=settings.trainer_checkpoint_every,
+        hold_out=settings.trainer_hold_out,
+        eval_step=settings.trainer_eval_step,
+    )
+
+
+async def check_training(settings: ServerConfig, checkout: Path | None) -> CommandHealth:
+    """Whether the trainer can run here: the CUDA probe, then a dry run of its command line."""
+    setup = trainer_setup(settings, checkout)
+    ok, detail = await trainer.check_training_available(
+        setup.python, setup.checkout, setup.require_cuda, setup.timeout_s, setup=setup
+    )
+    return CommandHealth(available=ok, detail=detail)
+
+
+def _training_fields(update: trainer.TrainingProgress, label: str) -> dict[str, Any]:
     return {
         "step": "training",
-        "label": "Training",
+        "label": label,
         "current": update.step,
         "total": update.total,
         "percent": update.percent,
@@ -275,45 +300,135 @@ def _training_fields(update: trainer.TrainingProgress) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Resolution:
+    """The training images' size and how it was chosen."""
+
+    factor: int
+    source_size: tuple[int, int] | None  # the dataset's images
+    size: tuple[int, int] | None  # what the trainer trains on
+    max_image_size: int | None  # the limit the factor was chosen for (None: factor given)
+
+    def describe(self) -> str:
+        """One sentence for the task log."""
+        if self.size is None or self.source_size is None:
+            return f"Training at 1/{self.factor} of the images' size (their size is unknown)"
+        size = f"{self.size[0]}x{self.size[1]} px"
+        source = f"{self.source_size[0]}x{self.source_size[1]}"
+        why = (
+            f"longest side at most {self.max_image_size} px"
+            if self.max_image_size is not None
+            else "down_sample_factor asked for"
+        )
+        return f"Training images: {size} (1/{self.factor} of {source}; {why})"
+
+    def as_metadata(self) -> dict[str, Any]:
+        """What `metadata.training` records about the resolution."""
+        return {
+            "down_sample_factor": self.factor,
+            "max_image_size": self.max_image_size,
+            "image_size": {"width": self.size[0], "height": self.size[1]} if self.size else None,
+            "source_image_size": (
+                {"width": self.source_size[0], "height": self.source_size[1]}
+                if self.source_size
+                else None
+            ),
+        }
+
+
+def choose_resolution(params: TaskParams, settings: ServerConfig, dataset: Path) -> Resolution:
+    """The task's down-sample factor: the one it asked for, else the smallest that brings the
+    longest side to its (or the server's) max_image_size."""
+    try:
+        source: tuple[int, int] | None = trainer.dataset_image_size(dataset)
+    except ValueError:
+        source = None
+    if params.down_sample_factor is not None:
+        factor, limit = params.down_sample_factor, None
+    else:
+        limit = params.max_image_size or settings.trainer_max_image_size
+        factor = trainer.choose_down_sample_factor(source, limit) if source else 1
+    size = trainer.down_sampled_size(source, factor) if source else None
+    return Resolution(factor, source, size, limit)
+
+
+class _SnapshotWatch:
+    """Prunes old snapshots each time the trainer says it saved a checkpoint."""
+
+    MARK = b"Checkpoint saved to"
+
+    def __init__(self, output_dir: Path) -> None:
+        self._output_dir = output_dir
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        window = self._tail + chunk
+        self._tail = window[-len(self.MARK) :]
+        if self.MARK in window:
+            with contextlib.suppress(OSError):
+                trainer.prune_snapshots(self._output_dir)
+
+
 async def train(ctx: StageContext) -> StageResult:
-    """Run `main.py fit` on the task's dataset, resuming from a checkpoint when one exists."""
+    """Run `main.py fit` on the task's dataset, resuming from the newest checkpoint when one
+    exists; the result records the model, the training resolution and the quality figures."""
     if ctx.checkout is None:
         return StageResult(
             EndReason.FAILED, "Training failed", "No gaussian-splatting-lightning checkout."
+        )
+    settings = ctx.settings
+    ok, detail = await trainer.check_if_stale(
+        trainer_setup(settings, ctx.checkout), settings.trainer_recheck_after
+    )
+    if not ok:
+        return StageResult(
+            EndReason.FAILED, "Training not available", f"Training is not available: {detail}"
         )
     started = time.monotonic()
     output_dir = ctx.paths.output_dir(ctx.task_id)
     dataset = ctx.paths.dataset_dir(ctx.task_id)
     iterations = ctx.params.iterations
+    hold_out = ctx.params.hold_out if ctx.params.hold_out is not None else settings.trainer_hold_out
     plan = await asyncio.to_thread(trainer.prepare_output_dir, output_dir, iterations)
     ctx.log.event(plan.message)
+    resolution = await asyncio.to_thread(choose_resolution, ctx.params, settings, dataset)
+    label = "Training"
+    if plan.resume:
+        label = f"Training (resumed from step {plan.start_step} of {iterations})"
+    parser = trainer.TrainingProgressParser(total_steps=iterations, initial_step=plan.start_step)
     if plan.action != "complete":
-        if ctx.params.down_sample_factor > 1:
-            await asyncio.to_thread(
-                trainer.prepare_downsampled_images, dataset, ctx.params.down_sample_factor
-            )
+        ctx.log.event(resolution.describe())
+        if resolution.factor > 1:
+            await asyncio.to_thread(trainer.prepare_downsampled_images, dataset, resolution.factor)
         argv = trainer.build_fit_command(
-            python=ctx.settings.trainer_python,
+            python=settings.trainer_python,
             checkout=ctx.checkout,
             dataset_path=dataset,
             output_root=ctx.paths.output_root(),
             name=ctx.task_id,
             iterations=iterations,
-            down_sample_factor=ctx.params.down_sample_factor,
-            config=ctx.settings.trainer_config,
-            extra_args=ctx.settings.trainer_extra_args,
+            down_sample_factor=resolution.factor,
+            config=settings.trainer_config,
+            extra_args=settings.trainer_extra_args,
             resume=plan.resume,
+            checkpoint_every=settings.trainer_checkpoint_every,
+            hold_out=hold_out,
+            eval_step=settings.trainer_eval_step,
         )
-        parser = trainer.TrainingProgressParser(
-            total_steps=iterations, initial_step=plan.start_step
-        )
+        if plan.resume:
+            ctx.report_progress(
+                {"step": "training", "label": label, "current": plan.start_step,
+                 "total": iterations, "percent": round(100 * plan.start_step / iterations, 2)}
+            )  # fmt: skip
+        snapshots = _SnapshotWatch(output_dir)
 
         def on_text(chunk: bytes) -> None:
+            snapshots.feed(chunk)
             update = parser.feed(chunk)
             if update is not None:
-                ctx.report_progress(_training_fields(update))
+                ctx.report_progress(_training_fields(update, label))
 
-        timeout_s = ctx.settings.training_timeout
+        timeout_s = settings.training_timeout
         outcome = await _run(
             ctx,
             argv,
@@ -322,6 +437,7 @@ async def train(ctx: StageContext) -> StageResult:
             on_text=on_text,
             env=trainer.trainer_environment(),
         )
+        await asyncio.to_thread(trainer.prune_snapshots, output_dir, iterations)
         if outcome.timed_out or outcome.returncode != 0:
             return failure(Stage.TRAINING, outcome, ctx.log, timeout_s)
     try:
@@ -331,4 +447,19 @@ async def train(ctx: StageContext) -> StageResult:
             EndReason.FAILED, "Training failed", f"Training ended without a model: {exc}"
         )
     results["seconds"] = round(time.monotonic() - started, 1)
-    return StageResult(EndReason.SUCCEEDED, "Training completed", metadata={"training": results})
+    results.update(resolution.as_metadata())
+    results["hold_out"] = hold_out
+    results["resumed_from_step"] = plan.start_step if plan.resume else None
+    quality = await asyncio.to_thread(
+        trainer.training_quality, output_dir, iterations, parser, hold_out
+    )
+    results["quality"] = quality
+    if quality is not None:
+        ctx.log.event(
+            f"Quality at step {quality['step']}: PSNR {quality['psnr']}, SSIM "
+            f"{quality['ssim']}, LPIPS {quality['lpips']} ({quality['note']})"
+        )
+    message = "Training completed"
+    if plan.resume:
+        message += f" (resumed from step {plan.start_step} of {iterations})"
+    return StageResult(EndReason.SUCCEEDED, message, metadata={"training": results})

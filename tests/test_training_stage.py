@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import re
 import time
 import zipfile
 
@@ -61,28 +62,59 @@ def test_down_sampling_prepares_the_smaller_images(start_server, tmp_path):
     assert len(list(images_2.glob("*.jpg"))) == 12
 
 
-def test_a_restart_mid_training_resumes_from_the_last_checkpoint(start_server, monkeypatch):
+def test_a_restart_mid_training_resumes_from_the_last_checkpoint(
+    start_server, monkeypatch, tmp_path
+):
+    """SIGKILL the server at ~60 % of a run that snapshots every 200 steps: after the restart
+    the run goes on from the newest checkpoint (never below it) and completes."""
     monkeypatch.setenv("FAKE_TRAINER_STEP_SECONDS", "0.01")
-    monkeypatch.setenv("FAKE_TRAINER_CHECKPOINT_EVERY", "100")
-    server = start_server(trainer_iterations=1000)
+    settings = {"trainer_iterations": 1000, "trainer_checkpoint_every": 200}
+    server = start_server(**settings)
     with server.client() as client:
         task_id = upload(client).json()["task_id"]
         wait_for(
             client,
             task_id,
-            lambda s: s["status"] == "training" and (s["progress"]["current"] or 0) >= 350,
+            lambda s: s["status"] == "training" and (s["progress"]["current"] or 0) >= 620,
+            interval=0.05,
         )
+    output = tmp_path / "temp_workspace" / "checkpoints" / task_id
     server.kill()
-    server = start_server(port=server.port, trainer_iterations=1000)
+    at_kill = sorted(p.name for p in (output / "checkpoints").glob("*.ckpt"))
+    assert 1 <= len(at_kill) <= 2, at_kill  # older snapshots are removed as new ones land
+    server = start_server(port=server.port, **settings)
+    samples = []
     with server.client() as client:
-        status = wait_status(client, task_id, TERMINAL)
-        assert status["status"] == "training_completed"
-        assert status["metadata"]["training"]["iterations"] == 1000
+        status = wait_for(
+            client,
+            task_id,
+            lambda s: samples.append(s) or s["status"] in TERMINAL,
+            interval=0.05,
+        )
+        assert status["status"] == "training_completed", status
         log = client.get(f"/logs/{task_id}").text
-        assert "Interrupted by server restart" in log
-        assert "Resuming from checkpoint epoch=" in log
-        resumed = [line for line in log.splitlines() if "Running:" in line][-1]
-        assert "--ckpt_path last" in resumed
+    resumed = re.search(r"Training resumed from step (\d+) of 1000", log)
+    assert resumed, log
+    start = int(resumed[1])
+    assert start >= 600 and start % 200 == 0  # the snapshot before the kill (or a later one)
+    assert "Interrupted by server restart" in log
+    assert [line for line in log.splitlines() if "Running:" in line][-1].endswith(
+        "--ckpt_path last"
+    )
+    training = [s for s in samples if s["status"] == "training" and s["progress"]]
+    assert training, samples
+    steps = [s["progress"]["current"] for s in training if s["progress"]["current"] is not None]
+    assert steps and min(steps) >= start and steps == sorted(steps)
+    assert any(f"resumed from step {start} of 1000" in s["message"] for s in training)
+    assert status["message"] == f"Training completed (resumed from step {start} of 1000)"
+    meta = status["metadata"]["training"]
+    assert (meta["iterations"], meta["resumed_from_step"]) == (1000, start)
+    # Disk stays bounded: only the final checkpoint and .ply are left.
+    assert sorted(p.name for p in (output / "checkpoints").glob("*.ckpt")) == [
+        meta["checkpoints"][0].split("/")[-1]
+    ]
+    assert meta["checkpoints"][0].endswith("-step=1000.ckpt")
+    assert [p.name for p in (output / "point_cloud").iterdir()] == ["iteration_1000"]
 
 
 def test_a_trainer_crash_fails_with_its_last_lines(start_server, monkeypatch):
