@@ -58,6 +58,7 @@ COMPRESS_LEVEL = 6  # zlib's default, as the reference writer uses
 # rarely as longer strings, so on this payload Z_RLE is both smaller than zlib's default
 # strategy (about 3 %) and about 6× faster. Any inflater reads it: it is plain deflate.
 COMPRESS_STRATEGY = zlib.Z_RLE
+SH_SLICE = 1 << 18  # Gaussians whose SH are turned and quantised at a time
 COMPRESS_CHUNK = 8 << 20  # bytes per independently deflated piece of the one gzip stream
 
 # The spec's RDF (.ply, COLMAP, OpenCV) -> RUB (SPZ, three.js) conversion: x stays, y and z flip.
@@ -133,12 +134,7 @@ class Gaussians:
             raise SpzError(f"SH degree {degree} is not between 0 and {self.sh_degree}")
         keep = sh_coefficients(degree)
         return Gaussians(
-            self.positions,
-            self.scales,
-            self.rotations,
-            self.alphas,
-            self.colors,
-            np.ascontiguousarray(self.sh[:, :keep, :]),
+            self.positions, self.scales, self.rotations, self.alphas, self.colors, self.sh[:, :keep]
         )
 
 
@@ -196,27 +192,36 @@ def _ply_header(data: bytes | memoryview) -> tuple[int, int, list[tuple[str, str
 
 def read_ply(path: Path | str) -> Gaussians:
     """Read the Gaussians of a binary 3DGS `.ply` (x, y, z, f_dc_*, f_rest_*, opacity,
-    scale_*, rot_*; other properties such as normals are ignored)."""
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    offset, count, properties, order = _ply_header(raw)
+    scale_*, rot_*; other properties such as normals are ignored).
+
+    The body is memory-mapped; the SH coefficients of an all-float32 file stay a view of
+    the mapping (read when encoded), so the file is never held twice in memory."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        offset, count, properties, order = _ply_header(handle.read(1 << 16))
     dtype = np.dtype([(name, order + kind) for name, kind in properties])
-    if len(raw) < offset + count * dtype.itemsize:
+    size = path.stat().st_size
+    if size < offset + count * dtype.itemsize:
         raise SpzError(
-            f"the PLY body holds {len(raw) - offset} bytes, {count} vertices need "
+            f"the PLY body holds {size - offset} bytes, {count} vertices need "
             f"{count * dtype.itemsize}"
         )
     names = [name for name, _ in properties]
-    if all(kind == "f4" for _, kind in properties):
+    table: np.ndarray | None = None
+    if count == 0:
+        records = np.zeros(0, dtype=dtype)
+    elif all(kind == "f4" for _, kind in properties):
         # The usual case: every property a float32. Read columns of one (N, P) matrix.
-        table = np.frombuffer(raw, dtype=order + "f4", count=count * len(names), offset=offset)
-        table = table.reshape(count, len(names))
+        table = np.memmap(path, order + "f4", "r", offset, (count, len(names)))
+    else:
+        records = np.memmap(path, dtype, "r", offset, (count,))
+
+    if table is not None:
 
         def columns(wanted: Sequence[str]) -> np.ndarray:
             return table[:, [names.index(n) for n in wanted]].astype(np.float32)
 
     else:
-        records = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
 
         def columns(wanted: Sequence[str]) -> np.ndarray:
             out = np.empty((count, len(wanted)), dtype=np.float32)
@@ -238,8 +243,16 @@ def read_ply(path: Path | str) -> Gaussians:
     degree = sh_degree_for(per_channel)
     keep = sh_coefficients(min(degree, MAX_SH_DEGREE))
     # .ply order: channel-major (f_rest_{c*K + k}); SPZ order: coefficient-major, channel last.
-    wanted = [f"f_rest_{c * per_channel + k}" for k in range(keep) for c in range(3)]
-    sh = columns(wanted).reshape(count, keep, 3) if keep else np.zeros((count, 0, 3), "f4")
+    first = names.index("f_rest_0") if rest else 0
+    in_order = names[first : first + rest] == [f"f_rest_{i}" for i in range(rest)]
+    if not keep:
+        sh = np.zeros((count, 0, 3), dtype=np.float32)
+    elif table is not None and in_order and order == "<" and per_channel == keep:
+        # A view: (N, 3·K) channel-major columns seen as (N, K, 3).
+        sh = table[:, first : first + rest].reshape(count, 3, keep).transpose(0, 2, 1)
+    else:
+        wanted = [f"f_rest_{c * per_channel + k}" for k in range(keep) for c in range(3)]
+        sh = columns(wanted).reshape(count, keep, 3)
     return Gaussians(
         positions=columns(["x", "y", "z"]),
         scales=columns([f"scale_{i}" for i in range(3)]),
@@ -377,19 +390,21 @@ def sh_rotation_block(rotation: np.ndarray, degree: int) -> np.ndarray:
     return block
 
 
-def rotate_sh(sh: np.ndarray, rotation: np.ndarray) -> np.ndarray:
-    """Higher-order SH coefficients (N, K, 3) turned by a 3×3 rotation (see `sh_rotation`)."""
+def rotate_sh(sh: np.ndarray, rotation: np.ndarray, block: np.ndarray | None = None) -> np.ndarray:
+    """Higher-order SH coefficients (N, K, 3) turned by a 3×3 rotation (see `sh_rotation`);
+    `block` is `sh_rotation_block(rotation, degree)` when the caller already has it."""
     n, k, _ = sh.shape
     if k == 0:
-        return sh
-    block = sh_rotation_block(rotation, sh_degree_for(k))
-    off_diagonal = block - np.diag(np.diag(block))
-    if np.max(np.abs(off_diagonal)) < 1e-9:  # axis flips (the default frame): signs only
-        return (sh * np.diag(block).astype(np.float32)[None, :, None]).astype(np.float32)
+        return np.zeros((n, 0, 3), dtype=np.float32)
+    if block is None:
+        block = sh_rotation_block(rotation, sh_degree_for(k))
+    diagonal = np.diag(block)
+    if np.max(np.abs(block - np.diag(diagonal))) < 1e-9:  # axis flips (the default): signs
+        return sh * diagonal.astype(np.float32)[None, :, None]
     # One matrix product over every Gaussian and channel: (N·3, K) @ Dᵀ.
     per_channel = np.ascontiguousarray(sh.transpose(0, 2, 1), dtype=np.float32).reshape(n * 3, k)
     turned = (per_channel @ block.T.astype(np.float32)).reshape(n, 3, k)
-    return np.ascontiguousarray(turned.transpose(0, 2, 1))
+    return turned.transpose(0, 2, 1)
 
 
 def transform_gaussians(gaussians: Gaussians, matrix: np.ndarray) -> Gaussians:
@@ -502,14 +517,21 @@ def encode_spz(
     degree = min(gaussians.sh_degree, MAX_SH_DEGREE) if sh_degree is None else sh_degree
     if not 0 <= degree <= min(gaussians.sh_degree, MAX_SH_DEGREE):
         raise SpzError(f"SH degree {degree} is not between 0 and {gaussians.sh_degree}")
-    g = gaussians.with_sh_degree(degree)
-    g = transform_gaussians(g, SPZ_FROM_PLY if transform is None else transform)
+    matrix = SPZ_FROM_PLY if transform is None else transform
+    _, rotation, _ = split_similarity(matrix)
+    source = gaussians.with_sh_degree(degree)
+    without_sh = np.zeros((source.count, 0, 3), dtype=np.float32)
+    g = Gaussians(
+        source.positions, source.scales, source.rotations, source.alphas, source.colors, without_sh
+    )
+    g = transform_gaussians(g, matrix)
     bits = choose_fractional_bits(g.positions) if fractional_bits is None else fractional_bits
     if not 0 <= bits <= 23:
         raise SpzError(f"fractional bits {bits} are not between 0 and 23")
     n = g.count
     header = HEADER.pack(MAGIC, VERSION, n, degree, bits, FLAG_ANTIALIASED if antialiased else 0, 0)
-    alphas = _to_uint8(255.0 / (1.0 + np.exp(-g.alphas.astype(np.float32))))
+    logits = np.clip(g.alphas.astype(np.float32), -40, 40)  # beyond, the byte is 0 or 255
+    alphas = _to_uint8(255.0 / (1.0 + np.exp(-logits)))
     colors = _to_uint8(g.colors * np.float32(COLOR_SCALE * 255.0) + np.float32(0.5 * 255.0))
     scales = _to_uint8((g.scales + np.float32(10.0)) * np.float32(16.0))
     parts = [
@@ -521,9 +543,13 @@ def encode_spz(
         _pack_rotations(g.rotations).tobytes(),
     ]
     if degree:
-        sh = np.empty(g.sh.shape, dtype=np.uint8)
-        sh[:, :3] = _quantize_sh(g.sh[:, :3], SH1_BITS)
-        sh[:, 3:] = _quantize_sh(g.sh[:, 3:], SH_REST_BITS)
+        # In slices of Gaussians, so no full float copy of the largest attribute is made.
+        block = sh_rotation_block(rotation, degree)
+        sh = np.empty((n, sh_coefficients(degree), 3), dtype=np.uint8)
+        for start in range(0, n, SH_SLICE):
+            turned = rotate_sh(source.sh[start : start + SH_SLICE], rotation, block)
+            sh[start : start + SH_SLICE, :3] = _quantize_sh(turned[:, :3], SH1_BITS)
+            sh[start : start + SH_SLICE, 3:] = _quantize_sh(turned[:, 3:], SH_REST_BITS)
         parts.append(sh.tobytes())
     return _gzip(b"".join(parts), workers)
 

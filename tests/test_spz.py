@@ -411,3 +411,29 @@ def test_niantic_reader_reads_the_stored_rub_frame(ply: tuple[Path, dict], tmp_p
     )
     np.testing.assert_allclose(np.log(a["scales"].reshape(-1, 3)), ours.scales, atol=1e-5)
     np.testing.assert_allclose(a["sh"].reshape(-1, 8, 3), ours.sh, atol=1e-7)
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2])
+def test_lower_degree_plys_round_trip(tmp_path: Path, degree: int) -> None:
+    path = tmp_path / f"degree{degree}.ply"
+    truth = write_3dgs_ply(path, 1000, degree=degree, seed=degree)
+    header, decoded = spz.decode_spz(spz.encode_spz(spz.read_ply(path), transform=np.eye(4)))
+    assert header.sh_degree == degree
+    check_fields(decoded, truth)
+
+
+def test_reads_plys_with_other_property_types(tmp_path: Path) -> None:
+    """Positions as doubles and an extra uchar property: the structured (slower) read."""
+    plain = tmp_path / "plain.ply"
+    truth = write_3dgs_ply(plain, 500, degree=1, seed=12)
+    source = PlyData.read(str(plain))["vertex"].data
+    fields = [(n, "f8" if n in {"x", "y", "z"} else "f4") for n in source.dtype.names]
+    mixed = np.empty(len(source), dtype=[*fields, ("flag", "u1")])
+    for name in source.dtype.names:
+        mixed[name] = source[name]
+    mixed["flag"] = 7
+    path = tmp_path / "mixed.ply"
+    PlyData([PlyElement.describe(mixed, "vertex")], byte_order=">").write(str(path))
+    g = spz.read_ply(path)
+    for key in truth:
+        np.testing.assert_array_equal(getattr(g, key), truth[key])
