@@ -200,7 +200,8 @@ def report(
     section.notes += [
         f"SPZ takes {stat(speed)}× the time of `gzip -6` on the .ply and writes "
         f"{stat(ratios([r['bytes'] for r in runs['spz']], gzip_bytes), 3)}× its bytes.",
-        f"Where one SPZ run goes: reading the .ply {stages['read_s']:.2f} s, quantising "
+        f"Where one SPZ run goes: mapping the .ply and copying its small attributes "
+        f"{stages['read_s']:.2f} s, quantising (which reads the mapped SH) "
         f"{stages['quantise_s']:.2f} s, gzip of the {stages['payload_mib']:.0f} MiB payload "
         f"{stages['gzip_s']:.2f} s on 2 threads ({stages['gzip_one_thread_s']:.2f} s on one). "
         "The deflate stream uses run-length matching only (zlib's Z_RLE): zlib's default "
