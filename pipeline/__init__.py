@@ -1,0 +1,1 @@
+"""Preprocessing pieces: video to COLMAP dataset, and the scene's upright frame."""
