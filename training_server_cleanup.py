@@ -5,51 +5,38 @@ touched: the expiry is a guarded update that only matches ended, unqueued tasks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import training_server_state as state
-from training_server_db import Database
-from training_server_models import NotFoundError, ServerConfig, TaskStatus
+from training_server_db import Database, TaskNotFoundError
+from training_server_models import ServerConfig
 
 log = logging.getLogger("training_server")
-ENDED = [
-    TaskStatus.PREPROCESSING_COMPLETED,
-    TaskStatus.TRAINING_COMPLETED,
-    TaskStatus.FAILED,
-    TaskStatus.CANCELLED,
-]
 
 
 async def sweep(
     settings: ServerConfig,
     db: Database,
     remove_files: Callable[[str], None],
-    publish: Callable[[str], Awaitable[object]],
+    publish: Callable[[dict[str, Any]], Awaitable[object]],
 ) -> list[str]:
-    """Expire every task past its time; returns their ids."""
+    """Expire every task past its time; returns their ids. The expiry is the guarded state
+    operation `expire`: a task queued (e.g. for training) since the query is not touched."""
     cutoff = datetime.now(UTC) - timedelta(seconds=settings.cleanup_ttl)
-    ended = [s.value for s in ENDED]
+    ended = [s.value for s in state.ENDED]
+    message = f"Files removed by the cleanup {settings.cleanup_ttl:g} s after the task ended"
     expired = []
     for task_id in await db.expirable(cutoff.isoformat(timespec="milliseconds"), ended):
-        marked = await db.update_fields(
-            task_id,
-            {
-                "expired_at": state.now_iso(),
-                "message": f"Files removed by the cleanup {settings.cleanup_ttl:g} s "
-                "after the task ended",
-                "progress": None,
-            },
-            only_if_status=ended,
-        )
-        if not marked:
-            continue
+        try:
+            row = await state.expire(db, task_id, message)
+        except (state.InvalidTransitionError, TaskNotFoundError):
+            continue  # queued, running or deleted since the query
         await asyncio.to_thread(remove_files, task_id)
         expired.append(task_id)
-        with contextlib.suppress(NotFoundError):
-            await publish(task_id)
+        await publish(row)
     if expired:
         log.info("cleanup removed the files of %d tasks", len(expired))
     return expired

@@ -1,15 +1,18 @@
 """SQLite persistence: schema, migrations and the queries the server runs.
 
 One aiosqlite connection writes (so writes never contend), a second one reads; WAL mode lets
-reads run beside the writer. `status` is written only by `guarded_transition`, which
-training_server_state.py calls with the allowed predecessors.
+reads run beside the writer. `status` and the queue columns are written only by
+`guarded_transition`, which the named operations of training_server_state.py call with the
+allowed predecessors; every write returns the row it produced (`RETURNING *`), so callers never
+read a task again after changing it. `reads` counts the queries run on the reader connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +49,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_by_status ON tasks (status);
     CREATE INDEX tasks_queue ON tasks (queued_for, queue_key) WHERE queued_for IS NOT NULL;
     """,
+    # Where the running stage lives, as its executor describes it (JSON): a local process
+    # group, or a job on a cluster, so a restarted server can find it again.
+    """
+    ALTER TABLE tasks ADD COLUMN run_ref TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
-JSON_COLUMNS = frozenset({"params", "progress", "metadata"})
-# Columns any code may write through update_fields; status is not among them.
+JSON_COLUMNS = frozenset({"params", "progress", "metadata", "run_ref"})
+# Columns any code may write through update_fields; status and the queue are not among them.
 WRITABLE_COLUMNS = frozenset(
     {
         "message",
@@ -61,16 +69,17 @@ WRITABLE_COLUMNS = frozenset(
         "params",
         "progress",
         "metadata",
-        "queued_for",
-        "queue_key",
         "stage",
         "end_reason",
         "attempts",
         "pid",
         "pid_start_time",
+        "run_ref",
         "expired_at",
     }
 )
+# Written only together with a status change, by the named state operations.
+QUEUE_COLUMNS = frozenset({"queued_for", "queue_key"})
 
 
 class TaskNotFoundError(LookupError):
@@ -85,6 +94,13 @@ class _NextQueueKey:
 
 
 NEXT_QUEUE_KEY = _NextQueueKey()
+
+
+class Sql(str):
+    """A column value that is a fixed SQL expression of this module's callers (never user
+    text), e.g. `attempts + 1`; every other value is bound as a parameter."""
+
+
 _NEXT_QUEUE_KEY_SQL = "(SELECT COALESCE(MAX(queue_key), 0) + 1 FROM tasks)"
 
 
@@ -102,8 +118,10 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
     return out
 
 
-def _assignments(fields: Mapping[str, Any]) -> tuple[str, list[Any]]:
-    unknown = set(fields) - WRITABLE_COLUMNS
+def _assignments(
+    fields: Mapping[str, Any], writable: frozenset[str] = WRITABLE_COLUMNS
+) -> tuple[str, list[Any]]:
+    unknown = set(fields) - writable
     if unknown:
         raise ValueError(f"not writable here: {sorted(unknown)}")
     parts: list[str] = []
@@ -111,6 +129,8 @@ def _assignments(fields: Mapping[str, Any]) -> tuple[str, list[Any]]:
     for column, value in fields.items():
         if value is NEXT_QUEUE_KEY:
             parts.append(f"{column} = {_NEXT_QUEUE_KEY_SQL}")
+        elif isinstance(value, Sql):
+            parts.append(f"{column} = {value}")
         else:
             parts.append(f"{column} = ?")
             values.append(_encode(column, value))
@@ -148,17 +168,16 @@ class Database:
     def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
         self._writer = writer
         self._reader = reader
-        # Told the id of every task a write changed (after the write), e.g. to drop caches.
-        self.on_change: Callable[[str], None] | None = None
-
-    def _changed(self, task_id: str) -> None:
-        if self.on_change is not None:
-            self.on_change(task_id)
+        self.reads = 0  # queries run on the reader connection (tests count them)
+        self.created = False  # the file was missing or empty when it was opened
+        # A write is a statement plus its commit; no other statement may run in between.
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Database:
         """Open (creating and migrating when needed) the database at `path`."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        created = not path.exists() or path.stat().st_size == 0  # noqa: ASYNC240 (start-up)
         writer = await _connect(path)
         try:
             await writer.execute("PRAGMA journal_mode = WAL")
@@ -168,7 +187,9 @@ class Database:
         except BaseException:
             await writer.close()
             raise
-        return cls(writer, reader)
+        db = cls(writer, reader)
+        db.created = created
+        return db
 
     async def close(self) -> None:
         """Close both connections."""
@@ -177,6 +198,7 @@ class Database:
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """All rows of a query on the reader connection, in one round trip."""
+        self.reads += 1
         return list(await self._reader.execute_fetchall(sql, params))
 
     async def _read_one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
@@ -184,74 +206,86 @@ class Database:
         return rows[0] if rows else None
 
     async def _write(self, sql: str, params: Sequence[Any]) -> int:
-        cursor = await self._writer.execute(sql, params)
-        await self._writer.commit()
-        return cursor.rowcount
+        async with self._write_lock:
+            cursor = await self._writer.execute(sql, params)
+            await self._writer.commit()
+            return cursor.rowcount
+
+    async def _write_returning(self, sql: str, params: Sequence[Any]) -> dict[str, Any] | None:
+        """Run one `... RETURNING *` statement; the row it wrote, or None if it matched none."""
+        async with self._write_lock:
+            rows = list(await self._writer.execute_fetchall(sql + " RETURNING *", params))
+            await self._writer.commit()
+        return _decode(rows[0]) if rows else None
 
     # -- writes --------------------------------------------------------------------------
 
-    async def insert_task(self, row: Mapping[str, Any]) -> None:
-        """Insert a new task row (status included: a task is born in its first status)."""
+    async def insert_task(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Insert a new task row (status included: a task is born in its first status);
+        returns the stored row."""
         columns = list(row)
         slots = [_NEXT_QUEUE_KEY_SQL if row[c] is NEXT_QUEUE_KEY else "?" for c in columns]
         values = [_encode(c, row[c]) for c in columns if row[c] is not NEXT_QUEUE_KEY]
         sql = f"INSERT INTO tasks ({', '.join(columns)}) VALUES ({', '.join(slots)})"
-        await self._write(sql, values)
-        self._changed(str(row["id"]))
+        stored = await self._write_returning(sql, values)
+        assert stored is not None
+        return stored
 
     async def guarded_transition(
         self,
         task_id: str,
         allowed_from: Iterable[str],
-        to_status: str,
+        to_status: str | None,
         fields: Mapping[str, Any],
         *,
         require_queued: bool | None = None,
-    ) -> bool:
-        """Set `status = to_status` (and `fields`) only if the current status is allowed
-        (and, with `require_queued`, only if the task is / is not waiting in a queue).
+        require_unexpired: bool = False,
+    ) -> dict[str, Any] | None:
+        """Set `status = to_status` (None: keep it) and `fields` only if the current status
+        is allowed (with `require_queued`: only if the task is / is not waiting in a queue;
+        with `require_unexpired`: only if its files were not removed by the cleanup).
 
-        Returns whether exactly one row changed.
+        Returns the changed row, or None when the guard matched nothing.
         """
         allowed = list(allowed_from)
         if not allowed:
-            return False
-        assignments, values = _assignments(fields)
+            return None
+        assignments, values = _assignments(fields, WRITABLE_COLUMNS | QUEUE_COLUMNS)
+        sets = [assignments] if assignments else []
+        if to_status is not None:
+            sets.insert(0, "status = ?")
+            values = [to_status, *values]
+        if not sets:
+            raise ValueError("a guarded update must change something")
         sql = (
-            f"UPDATE tasks SET status = ?{', ' + assignments if assignments else ''} "
+            f"UPDATE tasks SET {', '.join(sets)} "
             f"WHERE id = ? AND status IN ({', '.join('?' for _ in allowed)})"
         )
         if require_queued is not None:
             sql += f" AND queued_for IS {'NOT ' if require_queued else ''}NULL"
-        changed = await self._write(sql, [to_status, *values, task_id, *allowed]) == 1
-        if changed:
-            self._changed(task_id)
-        return changed
+        if require_unexpired:
+            sql += " AND expired_at IS NULL"
+        return await self._write_returning(sql, [*values, task_id, *allowed])
 
     async def update_fields(
         self, task_id: str, fields: Mapping[str, Any], *, only_if_status: Iterable[str] = ()
-    ) -> bool:
-        """Write non-status columns (with `only_if_status`: only while in one of those)."""
+    ) -> dict[str, Any] | None:
+        """Write non-status, non-queue columns (with `only_if_status`: only while in one of
+        those); returns the changed row, or None when nothing matched."""
         assignments, values = _assignments(fields)
         if not assignments:
-            return True
+            raise ValueError("nothing to write")
         sql = f"UPDATE tasks SET {assignments} WHERE id = ?"
         params = [*values, task_id]
         statuses = list(only_if_status)
         if statuses:
             sql += f" AND status IN ({', '.join('?' for _ in statuses)})"
             params += statuses
-        changed = await self._write(sql, params) == 1
-        if changed:
-            self._changed(task_id)
-        return changed
+        return await self._write_returning(sql, params)
 
     async def delete_task(self, task_id: str) -> bool:
         """Remove a task's row; returns whether it existed."""
-        deleted = await self._write("DELETE FROM tasks WHERE id = ?", [task_id]) == 1
-        if deleted:
-            self._changed(task_id)
-        return deleted
+        return await self._write("DELETE FROM tasks WHERE id = ?", [task_id]) == 1
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ when the stage ends. Progress is written only while the task is in a running sta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any
 
 import training_server_state as state
 from training_server_db import Database
-from training_server_models import NotFoundError, Progress, Stage
+from training_server_models import Progress, Stage
 
 WRITE_INTERVAL = 1.0  # seconds between persisted progress updates of one task
 
@@ -26,9 +25,12 @@ class _Slot:
 
 
 class ProgressWriter:
-    """Throttled progress writes; `publish(task_id)` tells listeners after each write."""
+    """Throttled progress writes; `publish(row)` tells listeners after each write (with the
+    row the write returned: no read)."""
 
-    def __init__(self, db: Database, publish: Callable[[str], Awaitable[object]]) -> None:
+    def __init__(
+        self, db: Database, publish: Callable[[dict[str, Any]], Awaitable[object]]
+    ) -> None:
         self._db = db
         self._publish = publish
         self._slots: dict[str, _Slot] = {}
@@ -56,7 +58,7 @@ class ProgressWriter:
             message = f"{label} {progress.current}/{progress.total}"
         else:
             message = label
-        changed = await self._db.update_fields(
+        row = await self._db.update_fields(
             task_id,
             {
                 "progress": progress.model_dump(mode="json"),
@@ -65,9 +67,8 @@ class ProgressWriter:
             },
             only_if_status=[s.value for s in state.RUNNING],
         )
-        if changed:
-            with contextlib.suppress(NotFoundError):
-                await self._publish(task_id)
+        if row is not None:
+            await self._publish(row)
 
     def forget(self, task_id: str) -> None:
         """Drop the task's throttle state (its stage ended)."""

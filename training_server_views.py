@@ -10,7 +10,16 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from training_server_models import EndReason, Progress, Stage, TaskParams, TaskPublic, TaskStatus
+import training_server_state as state
+from training_server_models import (
+    EndReason,
+    Progress,
+    Stage,
+    TaskParams,
+    TaskPublic,
+    TaskResults,
+    TaskStatus,
+)
 
 
 class EventBus:
@@ -57,7 +66,7 @@ class StatusCache:
             self._bodies[task_id] = body
 
     def forget(self, task_id: str) -> None:
-        """Called by the database on every write to the task."""
+        """Drop the task's body: it was written (or deleted)."""
         self.generation += 1
         self._bodies.pop(task_id, None)
 
@@ -68,9 +77,11 @@ def _datetime(value: str | None) -> datetime | None:
 
 def task_public(row: dict[str, Any], position: int | None) -> TaskPublic:
     """The task as the API shows it, from its database row and its place in its queue."""
+    status = TaskStatus(row["status"])
+    expired = row["expired_at"] is not None
     return TaskPublic(
         task_id=row["id"],
-        status=TaskStatus(row["status"]),
+        status=status,
         message=row["message"],
         created_at=datetime.fromisoformat(row["created_at"]),
         updated_at=datetime.fromisoformat(row["updated_at"]),
@@ -86,5 +97,8 @@ def task_public(row: dict[str, Any], position: int | None) -> TaskPublic:
         finished_at=_datetime(row["finished_at"]),
         end_reason=EndReason(row["end_reason"]) if row["end_reason"] else None,
         attempts=row["attempts"],
-        expired=row["expired_at"] is not None,
+        expired=expired,
+        allowed_actions=state.allowed_actions(status, row["queued_for"], expired),
+        results=TaskResults(**state.results(status, row.get("stage"), expired)),
+        active=state.is_active(status, row["queued_for"]),
     )

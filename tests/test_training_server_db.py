@@ -83,11 +83,11 @@ async def test_queue_keys_keep_fifo_order_and_positions(tmp_path: Path) -> None:
             await db.insert_task(row(name, queued_for="preprocessing", queue_key=NEXT_QUEUE_KEY))
         assert await db.queued("preprocessing") == ["a", "b", "c"]
         assert [await db.queue_position(n) for n in "abc"] == [1, 2, 3]
-        # Re-queue "a" at the back.
-        await db.update_fields("a", {"queue_key": NEXT_QUEUE_KEY})
+        # Re-queue "a" at the back (queue columns change only with a guarded status write).
+        await db.guarded_transition("a", ["pending"], "pending", {"queue_key": NEXT_QUEUE_KEY})
         assert await db.queued("preprocessing") == ["b", "c", "a"]
         assert await db.queue_counts() == {"preprocessing": 3}
-        await db.update_fields("b", {"queued_for": None})
+        await db.guarded_transition("b", ["pending"], "pending", {"queued_for": None})
         assert await db.queue_position("b") is None
         assert await db.queue_position("c") == 1
     finally:

@@ -29,11 +29,11 @@ async def open_with_task(tmp_path: Path, status: str) -> Database:
     return db
 
 
-def recorder(published: list[str]) -> Callable[[str], Awaitable[None]]:
+def recorder(published: list[str]) -> Callable[[dict], Awaitable[None]]:
     """A publish callback that records which tasks it was told about."""
 
-    async def publish(task_id: str) -> None:
-        published.append(task_id)
+    async def publish(row: dict) -> None:
+        published.append(row["id"])
 
     return publish
 
