@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("training_server")
 
 READ_CHUNK = 64 * 1024
 MAX_LINE_CHARS = 4096  # longer lines are cut in the log
@@ -115,6 +117,37 @@ def processes_marked(task_id: str) -> list[int]:
     return found
 
 
+def marked_processes() -> dict[str, list[int]]:
+    """Live processes carrying any task's marker, by task id (one scan of /proc)."""
+    prefix = f"{TASK_MARKER}=".encode()
+    found: dict[str, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes()
+        except OSError:
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(prefix):
+                stat = _read_stat(int(entry.name))
+                if stat and stat[0] != "Z":
+                    task_id = item[len(prefix) :].decode("ascii", "replace")
+                    found.setdefault(task_id, []).append(int(entry.name))
+                break
+    return found
+
+
+def kill_pids(pids: list[int]) -> int:
+    """SIGKILL each pid (gone ones are skipped); returns how many were signalled."""
+    killed = 0
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
 def kill_marked(task_id: str) -> int:
     """SIGKILL every live process carrying the task's marker; returns how many."""
     pids = processes_marked(task_id)
@@ -164,9 +197,164 @@ async def _end_group(proc: asyncio.subprocess.Process, grace: float) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _drain(stream: asyncio.StreamReader, on_output: Callable[[bytes], None]) -> None:
-    while chunk := await stream.read(READ_CHUNK):
-        on_output(chunk)
+class _PipeReader:
+    """Delivers what arrives on a pipe's read end to `on_output`, from the event loop's own
+    reader callback. It owns the descriptor from its construction (no await in between, so
+    no cancel can leave the descriptor with two owners) and closes it exactly once."""
+
+    def __init__(self, fd: int, on_output: Callable[[bytes], None]) -> None:
+        self._fd = fd
+        self._on_output = on_output
+        self._loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future[None] = self._loop.create_future()
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._ready)
+
+    def _ready(self) -> None:
+        try:
+            data = os.read(self._fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        try:
+            self._on_output(data)
+        except Exception:  # a sink error must neither block the pipe nor hide the outcome
+            log.exception("an output sink failed; the output goes on being read")
+
+    def close(self) -> None:
+        """Stop reading and close the descriptor (once)."""
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+
+class LocalProcess:
+    """A stage command running here, in its own process group (start_new_session), with
+    stdout+stderr on one pipe that nobody but this object reads or closes."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, read_fd: int) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.start_time = process_start_time(proc.pid)
+        self._read_fd: int | None = read_fd
+        self._reader: _PipeReader | None = None
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        env: Mapping[str, str] | None,
+        kill_grace: float,
+    ) -> LocalProcess:
+        """Start `argv`. A cancel that lands while it starts waits for the start, ends the new
+        process group, and is re-raised: a started process is never lost."""
+        if isinstance(argv, str | bytes) or not all(isinstance(a, str) for a in argv):
+            raise TypeError("argv must be a sequence of str, never a shell string")
+        # Our own pipe, not asyncio's: Process.wait() would also wait for every holder of an
+        # asyncio pipe to close it, so a child keeping the output open would hide the exit.
+        read_fd, write_fd = os.pipe()
+        spawn = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=write_fd,
+                cwd=cwd,
+                env=dict(env) if env is not None else None,
+                start_new_session=True,
+            )
+        )
+        try:
+            try:
+                proc = await asyncio.shield(spawn)
+            except asyncio.CancelledError:
+                while not spawn.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(spawn)
+                if not spawn.cancelled() and spawn.exception() is None:
+                    await await_shielded(_end_group(spawn.result(), kill_grace))
+                raise
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        return cls(proc, read_fd)
+
+    def follow(self, on_output: Callable[[bytes], None]) -> None:
+        """Start delivering the output to `on_output` (once)."""
+        if self._read_fd is not None:
+            self._reader = _PipeReader(self._read_fd, on_output)
+            self._read_fd = None
+
+    @property
+    def returncode(self) -> int | None:
+        """The leader's exit code, None while it runs."""
+        return self.proc.returncode
+
+    async def wait(self) -> int:
+        """The leader's exit code, once it has exited."""
+        return await self.proc.wait()
+
+    async def stop(self, grace: float) -> None:
+        """Terminate the whole group, wait up to `grace`, then kill what is left."""
+        await _end_group(self.proc, grace)
+
+    async def close(self) -> None:
+        """Read the output to its end (bounded) and release the pipe."""
+        if self._read_fd is not None:  # never followed
+            os.close(self._read_fd)
+            self._read_fd = None
+        if self._reader is not None:
+            # The pipe closes once every holder is dead; a process that escaped the group
+            # (a new session of its own) could hold it open, so do not wait forever.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._reader.ended), 5)
+            self._reader.close()
+
+
+async def follow_to_end(
+    handle: Any,
+    *,
+    timeout_s: float,
+    on_output: Callable[[bytes], None],
+    kill_grace: float,
+    started: float | None = None,
+) -> ProcessOutcome:
+    """Follow a started run (`follow`, `wait`, `stop`, `close`: a local process group or a
+    job elsewhere) until it ends or `timeout_s` (counted from `started`) passes; always stop
+    it and release it, even when the caller is cancelled (the cancel is re-raised after)."""
+    started = time.monotonic() if started is None else started
+    timed_out = False
+    returncode: int | None = None
+    try:
+        handle.follow(on_output)
+        remaining = max(0.0, timeout_s - (time.monotonic() - started))
+        try:
+            returncode = await asyncio.wait_for(handle.wait(), remaining)
+        except TimeoutError:
+            timed_out = True
+    finally:
+        await await_shielded(_stop_and_close(handle, kill_grace))
+    if returncode is None:
+        returncode = getattr(handle, "returncode", None)
+    return ProcessOutcome(returncode, timed_out, time.monotonic() - started)
+
+
+async def _stop_and_close(handle: Any, grace: float) -> None:
+    try:
+        await handle.stop(grace)
+    finally:
+        await handle.close()
 
 
 async def run_process(
@@ -184,75 +372,17 @@ async def run_process(
     Ends the whole group on timeout, on cancellation and after the leader exits; the cleanup
     runs to its end even if the caller is cancelled, and the cancel is re-raised afterwards.
     """
-    if isinstance(argv, str | bytes) or not all(isinstance(a, str) for a in argv):
-        raise TypeError("argv must be a sequence of str, never a shell string")
     started = time.monotonic()
-    # Our own pipe, not asyncio's: Process.wait() would also wait for every holder of an
-    # asyncio pipe to close it, so a child keeping the output open would hide the exit.
-    read_fd, write_fd = os.pipe()
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=write_fd,
-            stderr=write_fd,
-            cwd=cwd,
-            env=dict(env) if env is not None else None,
-            start_new_session=True,
-        )
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)
-    reader, transport = await _open_reader(read_fd)
-    drain = asyncio.create_task(_drain(reader, on_output))
-    timed_out = False
+    process = await LocalProcess.spawn(argv, cwd=cwd, env=env, kill_grace=kill_grace)
     try:
         if on_started is not None:
-            await on_started(proc.pid, process_start_time(proc.pid))
-        remaining = max(0.0, timeout_s - (time.monotonic() - started))
-        try:
-            await asyncio.wait_for(proc.wait(), remaining)
-        except TimeoutError:
-            timed_out = True
-    finally:
-        await await_shielded(_finish(proc, drain, transport, kill_grace))
-    return ProcessOutcome(proc.returncode, timed_out, time.monotonic() - started)
-
-
-async def _open_reader(read_fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=READ_CHUNK * 4)
-    pipe = os.fdopen(read_fd, "rb", buffering=0)
-    try:
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), pipe
-        )
+            await on_started(process.pid, process.start_time)
     except BaseException:
-        pipe.close()
+        await await_shielded(_stop_and_close(process, kill_grace))
         raise
-    return reader, transport
-
-
-async def _finish(
-    proc: asyncio.subprocess.Process,
-    drain: asyncio.Task[None],
-    transport: asyncio.BaseTransport,
-    grace: float,
-) -> None:
-    try:
-        await _end_group(proc, grace)
-    finally:
-        # The pipe closes once every holder is dead; a process that escaped the group
-        # (a new session of its own) could hold it open, so do not wait forever.
-        try:
-            await asyncio.wait_for(drain, 5)
-        except (TimeoutError, asyncio.CancelledError):
-            drain.cancel()
-        except Exception:  # an output sink error must not hide the outcome
-            drain.cancel()
-        transport.close()
+    return await follow_to_end(
+        process, timeout_s=timeout_s, on_output=on_output, kill_grace=kill_grace, started=started
+    )
 
 
 _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b")

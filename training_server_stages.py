@@ -1,8 +1,8 @@
 """The two pipeline stages as subprocesses: preprocessing (run_pipeline.py, or any command
 with its command line) and training (gaussian-splatting-lightning's `main.py fit`).
 
-Each stage function gets a StageContext, runs its command through
-training_server_process.run_process, turns the command's output into progress, and returns a
+Each stage function gets a StageContext, runs its command through the task's executor
+(training_server_executor), turns the command's output into progress, and returns a
 StageResult that says in words how it ended. Status changes are not made here.
 """
 
@@ -22,14 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import training_server_trainer as trainer
+from training_server_executor import Executor, StageCommand, run_command
 from training_server_models import CommandHealth, EndReason, ServerConfig, Stage, TaskParams
-from training_server_process import (
-    TASK_MARKER,
-    ProcessOutcome,
-    TaskLog,
-    run_captured,
-    run_process,
-)
+from training_server_process import ProcessOutcome, TaskLog, run_captured
 from training_server_utils import (
     DATASET_DIR,
     SUMMARY_NAME,
@@ -63,7 +58,10 @@ class StageContext:
     paths: Paths
     log: TaskLog
     report_progress: Callable[[dict[str, Any]], None]
-    record_pid: Callable[[int, int | None], Awaitable[None]]
+    record_ref: Callable[[dict[str, Any]], Awaitable[None]]
+    executor: Executor
+    stage: Stage
+    attempt: int
     checkout: Path | None = None
 
 
@@ -82,13 +80,20 @@ async def _run(
         ctx.log.feed(chunk)
         on_text(chunk)
 
-    return await run_process(
-        argv,
+    command = StageCommand(
+        task_id=ctx.task_id,
+        stage=ctx.stage,
+        attempt=ctx.attempt,
+        argv=argv,
         cwd=cwd,
+        env=env,
         timeout_s=timeout_s,
+    )
+    return await run_command(
+        ctx.executor,
+        command,
         on_output=on_output,
-        on_started=ctx.record_pid,
-        env={**env, TASK_MARKER: ctx.task_id},
+        on_started=ctx.record_ref,
         kill_grace=ctx.settings.kill_grace,
     )
 
