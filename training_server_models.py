@@ -6,9 +6,16 @@ import sys
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training_server_trainer import (
@@ -30,6 +37,14 @@ from training_server_trainer import (
 HERE = Path(__file__).resolve().parent
 GIB = 1024**3
 MIB = 1024**2
+
+VERSION = "0.1.0"
+# Timestamps on the wire as datetime.isoformat() writes them ("+00:00", not pydantic's "Z"):
+# the original server's clients parse them with datetime.fromisoformat(), which reads "Z"
+# only from Python 3.11 on.
+Timestamp = Annotated[
+    datetime, PlainSerializer(datetime.isoformat, return_type=str, when_used="json")
+]
 
 # Bounds shared by the upload form, the train endpoint and the page.
 FRAMES_MIN, FRAMES_MAX = 3, 2000
@@ -72,11 +87,26 @@ class ServerConfig(BaseSettings):
         env_prefix="TRAINING_SERVER_", env_file=".env", extra="ignore", frozen=True
     )
 
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> ServerConfig:
+        base = self.base_dir.expanduser().resolve()
+        object.__setattr__(self, "base_dir", base)
+        for name in ("temp_dir", "logs_dir", "db_path", "trainer_install_dir"):
+            path = getattr(self, name).expanduser()
+            object.__setattr__(self, name, path if path.is_absolute() else base / path)
+        return self
+
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
+    # Relative temp_dir, logs_dir and db_path are resolved against base_dir (the project
+    # folder by default), so the working directory the server starts from does not matter.
+    base_dir: Path = HERE
     temp_dir: Path = Path("temp_workspace")
     logs_dir: Path = Path("logs")
     db_path: Path = Path("training_server.db")
+    # Task folders that no database row knows, found when the database is new: refuse to
+    # start (default), move them to temp_dir/quarantine/, or delete them.
+    orphan_folders: Literal["refuse", "quarantine", "discard"] = "refuse"
     preprocess_timeout: float = Field(1800, gt=0, description="seconds")
     training_timeout: float = Field(18000, gt=0, description="seconds")
     cleanup_ttl: float = Field(43200, gt=0, description="seconds after a task ends")
@@ -102,6 +132,9 @@ class ServerConfig(BaseSettings):
 
     trainer_path: Path | None = None
     trainer_python: str = sys.executable
+    # Where ./serve.sh installs the trainer on GPU machines (its status file tells /health
+    # which install step failed).
+    trainer_install_dir: Path = Path("third_party")
     trainer_config: Path | None = None
     trainer_iterations: int = Field(DEFAULT_ITERATIONS, ge=ITERATIONS_MIN, le=ITERATIONS_MAX)
     trainer_extra_args: list[str] = Field(default_factory=list)
@@ -188,7 +221,14 @@ class Progress(BaseModel):
     eta_seconds: float | None = None
     loss: float | None = None
     psnr: float | None = None
-    updated_at: datetime | None = None
+    updated_at: Timestamp | None = None
+
+
+class TaskResults(BaseModel):
+    """Which results of a task can be downloaded now."""
+
+    dataset: bool = False  # the COLMAP dataset (GET /download/{id} before training ends)
+    model: bool = False  # the trained model (GET /download/{id}, /download/{id}/ply)
 
 
 class TaskPublic(BaseModel):
@@ -197,8 +237,8 @@ class TaskPublic(BaseModel):
     task_id: str
     status: TaskStatus
     message: str | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: Timestamp
+    updated_at: Timestamp
     error_message: str | None
     metadata: dict[str, Any] | None
     progress: Progress | None = None
@@ -207,17 +247,24 @@ class TaskPublic(BaseModel):
     params: TaskParams
     original_filename: str | None = None
     video_size: int | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
     end_reason: EndReason | None = None
     attempts: int = 0
     expired: bool = False
+    # What the task allows now, from the server's one transition table (the page shows its
+    # buttons from these, never from its own copy of the rules).
+    allowed_actions: list[Literal["cancel", "retry", "train", "delete"]] = []
+    results: TaskResults = Field(default_factory=lambda: TaskResults())
+    active: bool = False  # it runs or waits in a queue: its log may still grow
 
 
 class TaskList(BaseModel):
-    """One page of tasks, newest first."""
+    """One page of tasks, newest first: `tasks` holds their ids (as the original server
+    answered, so its clients keep iterating ids), `items` the task objects."""
 
-    tasks: list[TaskPublic]
+    tasks: list[str]
+    items: list[TaskPublic]
     total: int
     limit: int
     offset: int
@@ -253,7 +300,9 @@ class CommandHealth(BaseModel):
 class Health(BaseModel):
     """GET /health."""
 
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = "ok"  # degraded: see `problems`
+    problems: list[str] = []  # what keeps the server from taking work, in words
+    loops: dict[str, bool] = {}  # the named background loops and whether each runs
     version: str
     queued: dict[Stage, int]
     running: dict[Stage, list[str]]

@@ -69,24 +69,25 @@ def _iterate(archive: ZipStream, batch: int = 1024 * 1024) -> Iterator[bytes]:
 
 @router.get("/download/{task_id}", responses={200: {"content": {"application/zip": {}}}})
 async def download(task_id: TaskId, manager: Manager) -> StreamingResponse:
-    """A ZIP of the result: the trained model once training_completed, the COLMAP
-    dataset once preprocessing_completed."""
-    task = await manager.public(task_id)
+    """A ZIP of the result: the trained model once training_completed (named
+    `{id}_output.zip`, as the original server named it), else the COLMAP dataset whenever the
+    task has one (`results.dataset`: after preprocessing, during and after training)."""
+    task = await manager.records.public(task_id)
     if task.expired:
         raise GoneError("The task's files were removed by the cleanup.")
-    if task.status == TaskStatus.TRAINING_COMPLETED:
+    if task.results.model:
         output_dir = manager.paths.output_dir(task_id)
         files = await asyncio.to_thread(
             trainer.result_files, output_dir, task.params.keep_checkpoint
         )
-        suffix = "_gaussians.zip"
-    elif task.status == TaskStatus.PREPROCESSING_COMPLETED:
+        filename = f"{task_id}_output.zip"
+    elif task.results.dataset:
         task_dir = manager.paths.task_dir(task_id)
         files = await asyncio.to_thread(safe_files, task_dir / DATASET_DIR, DATASET_DIR)
         summary = task_dir / SUMMARY_NAME
         if summary.is_file() and not summary.is_symlink():
             files.append((summary, SUMMARY_NAME))
-        suffix = "_dataset.zip"
+        filename = download_name(task.original_filename, task_id, "_dataset.zip")
     else:
         raise ConflictError(
             f"Nothing to download yet: the task is {task.status.value}. A ZIP is ready once "
@@ -94,7 +95,7 @@ async def download(task_id: TaskId, manager: Manager) -> StreamingResponse:
         )
     if not files:
         raise GoneError("The task's result files are missing.")
-    return _zip_response(files, download_name(task.original_filename, task_id, suffix))
+    return _zip_response(files, filename)
 
 
 @router.get(
@@ -102,7 +103,7 @@ async def download(task_id: TaskId, manager: Manager) -> StreamingResponse:
 )
 async def download_ply(task_id: TaskId, manager: Manager) -> FileResponse:
     """The trained model's final .ply alone, for splat viewers."""
-    task = await manager.public(task_id)
+    task = await manager.records.public(task_id)
     if task.expired:
         raise GoneError("The task's files were removed by the cleanup.")
     if task.status != TaskStatus.TRAINING_COMPLETED:
@@ -166,7 +167,7 @@ class PreviewUnreadableError(ApiError):
 async def _dataset_task(manager: Manager, task_id: str) -> TaskPublic:
     """The task, when its dataset can be previewed: 410 after the cleanup, 409 while the
     dataset is not written yet."""
-    task = await manager.public(task_id)
+    task = await manager.records.public(task_id)
     if task.expired:
         raise GoneError("The task's files were removed by the cleanup.")
     if task.status in NO_DATASET_YET:

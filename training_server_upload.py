@@ -1,28 +1,42 @@
-"""Receive a multipart upload straight into the task folder: parsed as it streams (with
-python-multipart's streaming parser), written once, never held in memory, bounded in size,
-field count and header size, and checked against the free disk while it arrives.
+"""Uploads: receive a multipart body straight into the task folder (parsed as it streams
+with python-multipart's streaming parser, written once, never held in memory, bounded in size,
+field count and header size, checked against the free disk while it arrives), read the upload's
+parameters from query and form alike (declared once, by `UploadParams`), and check by content
+that the file is a video.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import shutil
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
+from pydantic import ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
+import training_server_trainer as trainer
 from training_server_models import (
+    HERE,
     BadRequestError,
     InsufficientStorageError,
     PayloadTooLargeError,
+    ServerConfig,
+    TaskParams,
+    UnprocessableError,
     UnsupportedMediaError,
+    UploadParams,
 )
-from training_server_utils import human_bytes
+from training_server_process import run_captured
+from training_server_utils import human_bytes, readable_errors
 
 FILE_FIELD = "file"
 MAX_FIELDS = 16
@@ -250,3 +264,103 @@ async def _flush(out: AsyncBufferedIOBase, collector: _PartCollector) -> int:
     collector.file_chunks, collector.file_pending = [], 0
     await out.writelines(chunks)
     return size
+
+
+# -- the upload's parameters and the content probe ------------------------------------------
+
+# Accepted under the seed's name as well: start_training means auto_training.
+SEED_ALIASES = {"start_training": "auto_training"}
+UPLOAD_FIELDS = frozenset(UploadParams.model_fields) | frozenset(SEED_ALIASES)
+
+
+def upload_params(
+    settings: ServerConfig, query: Mapping[str, str], form: Mapping[str, str]
+) -> tuple[TaskParams, bool]:
+    """The task's parameters from the upload's query and form fields (form wins; unknown
+    names are ignored), validated once by `UploadParams`; 422 in words otherwise."""
+    data: dict[str, str] = {}
+    for source in (query, form):
+        for name, value in source.items():
+            if name in UPLOAD_FIELDS:
+                key = SEED_ALIASES.get(name, name)
+                if key != name and key in source:
+                    continue  # the new name given beside the old one wins
+                data[key] = value
+    try:
+        upload = UploadParams.model_validate(data)
+    except ValidationError as exc:
+        raise UnprocessableError(readable_errors(list(exc.errors()))) from None
+    max_frames = upload.max_frames or max(settings.default_max_frames, upload.min_frames or 0)
+    min_frames = upload.min_frames or min(settings.default_min_frames, max_frames)
+    if min_frames > max_frames:
+        raise UnprocessableError("min_frames must not be larger than max_frames")
+    iterations = trainer.resolve_iterations(
+        upload.iterations, upload.preset, settings.trainer_iterations
+    )
+    passed = {
+        name: value
+        for name, value in upload.model_dump().items()
+        if name in TaskParams.model_fields and name not in _RESOLVED
+    }
+    params = TaskParams(
+        **passed,
+        max_frames=max_frames,
+        min_frames=min_frames,
+        auto_training=upload.auto_training,
+        iterations=iterations,
+    )
+    return params, upload.auto_training
+
+
+_RESOLVED = frozenset({"max_frames", "min_frames", "auto_training", "iterations"})
+
+
+def upload_openapi() -> dict[str, Any]:
+    """The OpenAPI description of POST /upload's body and query, from `UploadParams`."""
+    fields = UploadParams.model_json_schema().get("properties", {})
+    fields = {**fields, "start_training": {"type": "boolean", "description": "= auto_training"}}
+    return {
+        "parameters": [
+            {"name": name, "in": "query", "required": False, "schema": schema}
+            for name, schema in fields.items()
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}, **fields},
+                    }
+                }
+            },
+        },
+    }
+
+
+async def probe_video(settings: ServerConfig, path: Path) -> dict[str, Any]:
+    """Check by content that `path` is a decodable video (in a subprocess); 415 otherwise."""
+    outcome, output = await run_captured(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.probe",
+            "--timeout",
+            str(settings.probe_timeout),
+            str(path.resolve()),
+        ],
+        cwd=HERE,  # where the pipeline package is
+        timeout_s=settings.probe_timeout,
+    )
+    lines = output.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        answer = {}
+    if outcome.timed_out:
+        raise UnsupportedMediaError("Checking the video took too long; is it a valid video?")
+    if outcome.returncode == 0 and "width" in answer:
+        return answer
+    reason = answer.get("error") or "The file could not be read as a video."
+    raise UnsupportedMediaError(reason)

@@ -1,6 +1,6 @@
 """Decide by content whether a file is a usable video, and describe it.
 
-Run as `python video_probe.py FILE`: prints one JSON object and exits 0 when the file is a
+Run as `python -m pipeline.probe FILE`: prints one JSON object and exits 0 when the file is a
 decodable video, or prints `{"error": "..."}` and exits 3 when it is not. The server runs it
 as a subprocess so that a hostile file can at worst crash this process, not the server.
 
@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
         signal.alarm(max(1, math.ceil(float(argv[1]))))
         argv = argv[2:]
     if len(argv) != 1:
-        print(json.dumps({"error": "usage: video_probe.py [--timeout S] FILE"}))
+        print(json.dumps({"error": "usage: python -m pipeline.probe [--timeout S] FILE"}))
         return 2
     av.logging.set_level(av.logging.PANIC)
     try:

@@ -438,10 +438,6 @@ def test_unknown_pin_fails_the_fetch_and_the_server_still_starts(world, tmp_path
     assert status["steps"]["fetch diff-gaussian-rasterization"]["state"] == "done"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the /health wiring: the training check appends install_problem(third_party)",
-)
 def test_health_explains_a_failed_install(world, tmp_path):
     project = copy_project(tmp_path / "project", world)
     env = world.env(TRAINING_SERVER_TRAINER_PINS=world.pins(**{"simple-knn": "0123abc"}))

@@ -76,7 +76,7 @@ def stage_processes_older_than(marker: str, when: float) -> list[int]:
     found = []
     for proc in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if marker not in cmdline or "video_probe.py" in cmdline:
+        if marker not in cmdline or "pipeline.probe" in cmdline:
             continue
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
@@ -149,7 +149,7 @@ def test_sigkill_at_random_points_loses_nothing(start_server, tmp_path, monkeypa
             if rng.random() < 0.4:
                 uploader.start()
             time.sleep(rng.uniform(0.0, 2.5))
-            statuses = {t["status"] for t in client.get("/tasks").json()["tasks"]}
+            statuses = {t["status"] for t in client.get("/tasks").json()["items"]}
         if uploader.is_alive():
             kills_during["upload"] += 1
         for stage in ("preprocessing", "training"):
@@ -168,7 +168,7 @@ def test_sigkill_at_random_points_loses_nothing(start_server, tmp_path, monkeypa
         for task_id in accepted:
             status = wait_status(client, task_id, TERMINAL, timeout=300)
             assert status["status"] == "training_completed", status
-        tasks = client.get("/tasks", params={"limit": 1000}).json()["tasks"]
+        tasks = client.get("/tasks", params={"limit": 1000}).json()["items"]
         assert not [t for t in tasks if t["status"] in RUNNING]
     assert integrity(db_path) == "ok"
     record(
@@ -327,7 +327,9 @@ def test_a_hundred_tasks_leave_no_zombies_and_no_leaked_descriptors(start_server
         ids = []
         fds_after_10 = 0
         for index in range(100):
-            ids.append(upload(client, start_training="false").json()["task_id"])
+            answer = upload(client, start_training="false")
+            assert answer.status_code == 202, answer.text
+            ids.append(answer.json()["task_id"])
             if index == 9:
                 wait_status(client, ids[-1], {"preprocessing_completed"})
                 fds_after_10 = proc.num_fds()

@@ -62,7 +62,8 @@ def test_upload_runs_to_training_completed_with_a_checked_zip(start_server, tmp_
         archive = client.get(f"/download/{task_id}")
         assert archive.status_code == 200
         assert archive.headers["content-type"] == "application/zip"
-        assert "tum_office_orbit_gaussians.zip" in archive.headers["content-disposition"]
+        # Named as the original server named the trained model's ZIP (scripts rely on it).
+        assert f'filename="{task_id}_output.zip"' in archive.headers["content-disposition"]
         assert int(archive.headers["content-length"]) == len(archive.content)
         names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
         assert "point_cloud/iteration_300/point_cloud.ply" in names
@@ -291,12 +292,12 @@ def test_five_uploads_run_in_order_and_never_train_two_at_once(start_server, mon
         overlap = 0
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            tasks = client.get("/tasks").json()["tasks"]
+            tasks = client.get("/tasks").json()["items"]
             overlap = max(overlap, sum(1 for t in tasks if t["status"] == "training"))
             if all(t["status"] in TERMINAL for t in tasks):
                 break
             time.sleep(0.05)
-        statuses = {t["task_id"]: t for t in client.get("/tasks").json()["tasks"]}
+        statuses = {t["task_id"]: t for t in client.get("/tasks").json()["items"]}
         assert all(statuses[i]["status"] == "training_completed" for i in ids)
         assert overlap <= 1
         # The server's own record of each training run: intervals must not overlap, in order.
@@ -422,13 +423,15 @@ def test_download_name_is_safe_for_hostile_names(start_server, monkeypatch):
     with server.client() as client:
         task_id = upload_named(client, 'a"b; Set-Cookie: x=1; Ä.mp4').json()["task_id"]
         wait_status(client, task_id, TERMINAL)
-        response = client.get(f"/download/{task_id}")
+        # The model's ZIP is named by task id (as the original did); the .ply keeps the
+        # upload's name.
+        response = client.get(f"/download/{task_id}/ply")
         assert response.status_code == 200
         disposition = response.headers["content-disposition"]
         assert "set-cookie" not in {k.lower() for k in response.headers}
         assert disposition == (
-            'attachment; filename="a_b_ Set-Cookie_ x_1_ A_gaussians.zip"; '
-            "filename*=UTF-8''a%22b%3B%20Set-Cookie%3A%20x%3D1%3B%20%C3%84_gaussians.zip"
+            'attachment; filename="a_b_ Set-Cookie_ x_1_ A.ply"; '
+            "filename*=UTF-8''a%22b%3B%20Set-Cookie%3A%20x%3D1%3B%20%C3%84.ply"
         )
 
 
@@ -484,10 +487,11 @@ def test_task_list_filters_and_pages_newest_first(start_server, monkeypatch):
         for task_id in ids:
             wait_status(client, task_id, TERMINAL)
         listing = client.get("/tasks").json()
-        assert [t["task_id"] for t in listing["tasks"]] == ids[::-1]
+        assert [t["task_id"] for t in listing["items"]] == ids[::-1]
+        assert listing["tasks"] == ids[::-1]  # ids, as the original server listed them
         assert listing["total"] == 3
         page = client.get("/tasks", params={"limit": 1, "offset": 1}).json()
-        assert [t["task_id"] for t in page["tasks"]] == [ids[1]]
+        assert [t["task_id"] for t in page["items"]] == [ids[1]]
         assert client.get("/tasks", params={"status": "failed"}).json()["total"] == 3
         assert client.get("/tasks", params={"status": "pending"}).json()["total"] == 0
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import OFFICE_VIDEO, REPO, STATIC_VIDEO
-from video_probe import NotAVideoError, probe, sniff_container
+from pipeline.probe import NotAVideoError, probe, sniff_container
 
 
 def write_video(
@@ -117,7 +117,7 @@ def test_sniff_container() -> None:
 
 def test_cli_prints_json_and_exit_codes(tmp_path: Path) -> None:
     ok = subprocess.run(
-        [sys.executable, str(REPO / "video_probe.py"), str(OFFICE_VIDEO)],
+        [sys.executable, "-m", "pipeline.probe", str(OFFICE_VIDEO)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -127,7 +127,7 @@ def test_cli_prints_json_and_exit_codes(tmp_path: Path) -> None:
     bad = tmp_path / "bad.mp4"
     bad.write_text("hello")
     refused = subprocess.run(
-        [sys.executable, str(REPO / "video_probe.py"), str(bad)],
+        [sys.executable, "-m", "pipeline.probe", str(bad)],
         capture_output=True,
         text=True,
         timeout=60,

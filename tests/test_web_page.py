@@ -266,7 +266,7 @@ def test_upload_and_follow_a_task_to_its_3d_result(start_server, monkeypatch, op
 
 
 def test_log_follows_live_and_can_pause(start_server, monkeypatch, open_page):
-    monkeypatch.setenv("FAKE_PIPELINE_SECONDS", "0.5")
+    monkeypatch.setenv("FAKE_PIPELINE_SECONDS", "3")
     monkeypatch.setenv("FAKE_TRAINER_STEP_SECONDS", "0.025")
     server = start_server(trainer_iterations=150)
     task_id = api_upload(server)
