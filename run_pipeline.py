@@ -28,20 +28,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from training_server_utils import DATASET_DIR, SUMMARY_NAME  # the contract with the server
+from pipeline.protocol import (  # the contract with the server
+    DATASET_DIR,
+    SUMMARY_NAME,
+    error_line,
+    progress_line,
+    write_line,
+)
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
-EXIT_QUALITY_GATE = 4  # a bad input exits with pipeline_frames.EXIT_BAD_INPUT (3)
-
-STAGES = {
-    "decode": "Decoding video",
-    "select": "Selecting frames",
-    "features": "Feature extraction",
-    "matching": "Feature matching",
-    "mapping": "Camera tracking",
-    "undistort": "Undistorting images",
-}
+EXIT_QUALITY_GATE = 4  # a bad input exits with pipeline.frames.EXIT_BAD_INPUT (3)
 WORK_DIRS = ("frames", "colmap", DATASET_DIR)
 SUMMARY_VERSION = 1
 # Decoding keeps the sharpest frame of each stretch of the video as a candidate, this many per
@@ -58,10 +55,6 @@ class Reporter:
         self.min_interval = min_interval
         self._last: dict[str, tuple[float, int, int | None]] = {}
 
-    def _emit(self, tag: str, payload: dict[str, Any]) -> None:
-        self.protocol.write(f"@{tag} {json.dumps(payload)}\n")
-        self.protocol.flush()
-
     def progress(self, stage: str, current: int, total: int | None) -> None:
         """Report `current` of `total` for a stage: at most a few times a second, but always
         the first report and the one that reaches the total."""
@@ -74,9 +67,7 @@ class Reporter:
             if (current, total) == last[1:] or (now - last[0] < self.min_interval and not final):
                 return
         self._last[stage] = (now, current, total)
-        self._emit(
-            "progress", {"stage": stage, "label": STAGES[stage], "current": current, "total": total}
-        )
+        write_line(self.protocol, progress_line(stage, current, total))
 
     def restart(self, *stages: str) -> None:
         """Forget what was reported for stages that run again (the safer retry)."""
@@ -85,7 +76,7 @@ class Reporter:
 
     def error(self, code: str, message: str) -> None:
         """The one message a user should read; printed just before exiting non-zero."""
-        self._emit("error", {"code": code, "message": message})
+        write_line(self.protocol, error_line(code, message))
         self.log(f"error: {message}")
 
     def log(self, message: str) -> None:
@@ -305,7 +296,7 @@ class StageClock:
 
 def sfm_options(args: argparse.Namespace) -> Any:
     """The camera-tracking settings from the command line."""
-    import pipeline_sfm as sfm  # heavy imports only once the command line is valid
+    from pipeline import sfm  # heavy imports only once the command line is valid
 
     return sfm.SfmOptions(
         matcher=args.matcher,
@@ -323,8 +314,7 @@ def sfm_options(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
     """All stages; returns the summary. Raises PipelineError / GateError for user failures."""
-    import pipeline_frames as frames
-    import pipeline_sfm as sfm
+    from pipeline import frames, sfm
 
     started = time.perf_counter()
     out = args.output_dir
@@ -527,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     check_args(parser, args)
     rep = Reporter(protocol_stream(), sys.stderr)
     try:
-        from pipeline_frames import PipelineError
+        from pipeline.frames import PipelineError
 
         try:
             summary = run(args, rep)

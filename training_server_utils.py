@@ -1,8 +1,7 @@
-"""Small pure helpers: file names, headers, the stage protocol's structured lines."""
+"""Small pure helpers: file names, headers, paths; the stage protocol's names re-exported."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import unicodedata
@@ -12,22 +11,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+# The stage protocol's contract lives with the pipeline; re-exported for the server modules.
+from pipeline.protocol import (  # noqa: F401
+    DATASET_DIR,
+    STAGES,
+    SUMMARY_NAME,
+    parse_stage_line,
+    pipeline_progress,
+)
+
 MAX_NAME_BYTES = 200
 LOG_NAME = "training_server.log"
-SUMMARY_NAME = "preprocess_summary.json"
-DATASET_DIR = "images_undistorted"
-
-# The preprocessing sub-stages in order, with their share of the whole stage's progress
-# (rough wall-time shares measured on 100-frame videos).
-PIPELINE_STEPS: dict[str, tuple[str, float]] = {
-    "decode": ("Decoding frames", 0.04),
-    "select": ("Selecting sharp frames", 0.01),
-    "features": ("Feature extraction", 0.30),
-    "matching": ("Feature matching", 0.25),
-    "mapping": ("Camera tracking", 0.35),
-    "undistort": ("Undistorting images", 0.05),
-}
-
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -78,48 +72,6 @@ def parse_bool(value: str) -> bool:
     if lowered in {"0", "false", "no", "off", ""}:
         return False
     raise ValueError(f"not a boolean: {value!r}")
-
-
-def parse_stage_line(line: str) -> tuple[str, dict[str, Any]] | None:
-    """A structured `@progress {...}` / `@error {...}` line of the stage protocol, or None."""
-    if not line.startswith("@"):
-        return None
-    tag, _, payload = line.partition(" ")
-    if tag not in {"@progress", "@error"}:
-        return None
-    try:
-        data = json.loads(payload)
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    return tag[1:], data
-
-
-def pipeline_progress(data: dict[str, Any]) -> dict[str, Any] | None:
-    """Turn a `@progress` payload into the fields of a preprocessing Progress."""
-    step = data.get("stage")
-    if step not in PIPELINE_STEPS:
-        return None
-    current = data.get("current")
-    total = data.get("total")
-    current = current if isinstance(current, int) and current >= 0 else None
-    total = total if isinstance(total, int) and total > 0 else None
-    fraction = min(1.0, current / total) if current is not None and total else 0.0
-    done_before = 0.0
-    for name, (_, share) in PIPELINE_STEPS.items():
-        if name == step:
-            break
-        done_before += share
-    share = PIPELINE_STEPS[step][1]
-    label = data.get("label") if isinstance(data.get("label"), str) else None
-    return {
-        "step": step,
-        "label": label or PIPELINE_STEPS[step][0],
-        "current": current,
-        "total": total,
-        "percent": round(100 * (done_before + share * fraction), 1),
-    }
 
 
 def human_bytes(size: float) -> str:

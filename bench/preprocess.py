@@ -90,7 +90,7 @@ def baseline_child(video: Path, out_dir: Path, max_frames: int, min_frames: int)
 
     import pycolmap
 
-    import pipeline_frames as pf
+    from pipeline import frames as pf
 
     pycolmap.logging.logtostderr = True
     pycolmap.logging.minloglevel = 1

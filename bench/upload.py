@@ -8,7 +8,7 @@ The test files are real videos (H.264 in MP4: a short lossless clip of noise, re
 loop up to the size) because the server checks the content of every upload. The client is
 a raw HTTP/1.1 request whose file part is sent with `socket.sendfile` (zero-copy from the page
 cache, so the client costs next to nothing); the time is from the first byte sent to the
-response, which includes the server's content check (`video_probe.py`, shown separately).
+response, which includes the server's content check (`pipeline/probe.py`, shown separately).
 Two more throwaway apps give uvicorn's own floor: the raw request body written to a file,
 and discarded. Peak RSS growth and CPU time are those of the server process, polled with
 psutil. The source file is read once before the runs (warm page cache for every method), and
@@ -167,7 +167,9 @@ def _cp(video: Path, target: Path) -> dict[str, float]:
 
 def _probe(video: Path) -> float:
     return timed(
-        [sys.executable, str(REPO / "video_probe.py"), str(video)], stdout=subprocess.DEVNULL
+        [sys.executable, "-m", "pipeline.probe", str(video)],
+        stdout=subprocess.DEVNULL,
+        cwd=REPO,
     )
 
 
@@ -284,7 +286,7 @@ def report(results: dict[int, dict[str, Any]], repeats: int) -> Section:
             "–",
         )
         section.notes.append(
-            f"{size_gib} GiB: the content check (`video_probe.py` in a subprocess, part of "
+            f"{size_gib} GiB: the content check (`pipeline/probe.py` in a subprocess, part of "
             f"the upload's time) takes {stat(data['probe_s'])} s on its own."
         )
         if not met:

@@ -16,6 +16,8 @@ import av
 import cv2
 import numpy as np
 
+from pipeline.probe import HEAD_BYTES, sniff_container
+
 EXIT_BAD_INPUT = 3
 
 ProgressFn = Callable[[int, int | None], None]
@@ -23,20 +25,6 @@ ProgressFn = Callable[[int, int | None], None]
 THUMB_WIDTH = 160
 MOTION_RATE_HZ = 10.0
 JPEG_QUALITY = 95
-# Signatures of container formats a video upload could legitimately be (offset, bytes).
-VIDEO_MAGIC = (
-    (4, b"ftyp"),
-    (4, b"moov"),
-    (4, b"mdat"),
-    (4, b"wide"),
-    (4, b"free"),
-    (0, b"\x1a\x45\xdf\xa3"),
-    (0, b"RIFF"),
-    (0, b"FLV"),
-    (0, b"\x00\x00\x01\xba"),
-    (0, b"OggS"),
-)
-TS_PACKET = 188
 
 
 class PipelineError(Exception):
@@ -96,14 +84,6 @@ def frame_name(index: int) -> str:
     return f"frame_{index:06d}.jpg"
 
 
-def _looks_like_video(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(3 * TS_PACKET)
-    if len(head) == 3 * TS_PACKET and head[0] == head[TS_PACKET] == head[2 * TS_PACKET] == 0x47:
-        return True  # MPEG transport stream
-    return any(head[off : off + len(magic)] == magic for off, magic in VIDEO_MAGIC)
-
-
 def open_video(path: Path) -> av.container.InputContainer:
     """Open `path` for decoding, raising PipelineError with a user-facing reason if impossible."""
     if not path.is_file():
@@ -113,7 +93,9 @@ def open_video(path: Path) -> av.container.InputContainer:
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        if _looks_like_video(path):
+        with path.open("rb") as f:
+            known_container = sniff_container(f.read(HEAD_BYTES)) is not None
+        if known_container:
             raise PipelineError(
                 "corrupt_video",
                 f"The video {path.name} is damaged or incomplete (the upload may have been cut "

@@ -19,7 +19,8 @@ from typing import Any
 
 import av
 
-# (demuxer, stored file extension) by signature.
+HEAD_BYTES = 4096  # what sniff_container needs to see of a file's start
+# The one table of video container signatures, for the upload check and the pipeline.
 MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
 TS_PACKET = 188
 
@@ -29,7 +30,8 @@ class NotAVideoError(Exception):
 
 
 def sniff_container(head: bytes) -> tuple[str, str] | None:
-    """(FFmpeg demuxer name, file extension) for a known video container signature."""
+    """(FFmpeg demuxer name, file extension) for a known video container signature in a
+    file's first bytes (HEAD_BYTES of them suffice), or None."""
     if len(head) >= 8 and head[4:8] in MP4_BOXES:
         is_quicktime = head[8:12] == b"qt  "
         return "mov", ".mov" if is_quicktime else ".mp4"
@@ -83,7 +85,7 @@ def _decode_one(container: av.container.InputContainer, stream: av.VideoStream) 
 def probe(path: Path) -> dict[str, Any]:
     """Describe the video at `path`; raise NotAVideoError with a readable reason otherwise."""
     with path.open("rb") as f:
-        head = f.read(4096)
+        head = f.read(HEAD_BYTES)
     found = sniff_container(head)
     if found is None:
         raise NotAVideoError(f"The file is not a video: {_describe_head(head)}.")

@@ -27,8 +27,8 @@ COCKATOO = DATA / "cockatoo_static.mp4"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import pipeline_frames  # noqa: E402
 import synthetic_video as sv  # noqa: E402
+from pipeline import frames as pipeline_frames  # noqa: E402
 
 STAGE_ORDER = ["decode", "select", "features", "matching", "mapping", "undistort"]
 
@@ -398,7 +398,7 @@ def test_selection_count_follows_motion_within_bounds():
 
 
 def test_video_pairs_cover_neighbours_and_close_the_loop():
-    import pipeline_sfm
+    from pipeline import sfm as pipeline_sfm
 
     pairs = pipeline_sfm.sequential_pairs(50, 10)
     assert {(i, i + d) for i in range(40) for d in range(1, 11)} <= pairs
@@ -413,7 +413,7 @@ def test_video_pairs_cover_neighbours_and_close_the_loop():
 
 
 def test_path_checks_flag_a_misplaced_block():
-    import pipeline_sfm
+    from pipeline import sfm as pipeline_sfm
 
     # A smooth orbit of 50 cameras; frames 20-32 moved by 60 % of the radius step 5 times
     # the usual step (a weak link is what gives such a block away), by 150 % 12 times.

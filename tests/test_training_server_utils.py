@@ -87,6 +87,30 @@ def test_pipeline_progress_adds_up_across_steps() -> None:
     assert pipeline_progress({"stage": "mapping", "current": -1, "total": "x"})["current"] is None
 
 
+def test_pipeline_lines_parse_back_with_the_one_label_table() -> None:
+    """What the pipeline writes is what the server reads: same stages, same labels."""
+    import io
+
+    from pipeline.protocol import STAGES, error_line, progress_line, write_line
+
+    stream = io.StringIO()
+    for stage in STAGES:
+        write_line(stream, progress_line(stage, 2, 4))
+    write_line(stream, error_line("too_few_frames", "Record a longer video."))
+    parsed = [parse_stage_line(line) for line in stream.getvalue().splitlines()]
+    assert all(p is not None for p in parsed)
+    progress = [pipeline_progress(data) for tag, data in parsed[:-1] if tag == "progress"]
+    assert [p["step"] for p in progress] == list(STAGES)
+    assert [p["label"] for p in progress] == [stage.label for stage in STAGES.values()]
+    percents = [p["percent"] for p in progress]
+    assert percents == sorted(percents) and percents[0] > 0 and percents[-1] < 100
+    assert parsed[-1] == ("error", {"code": "too_few_frames", "message": "Record a longer video."})
+    # Without a label on the line, the server shows the same label the pipeline would.
+    assert pipeline_progress({"stage": "decode", "current": 1})["label"] == STAGES["decode"].label
+    with pytest.raises(ValueError):
+        progress_line("training", 0, None)
+
+
 def test_safe_files_never_follow_symlinks(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "sub").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""video_probe.py: uploads are judged by content."""
+"""pipeline/probe.py: uploads are judged by content."""
 
 from __future__ import annotations
 
@@ -118,6 +118,7 @@ def test_sniff_container() -> None:
 def test_cli_prints_json_and_exit_codes(tmp_path: Path) -> None:
     ok = subprocess.run(
         [sys.executable, "-m", "pipeline.probe", str(OFFICE_VIDEO)],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
@@ -128,9 +129,33 @@ def test_cli_prints_json_and_exit_codes(tmp_path: Path) -> None:
     bad.write_text("hello")
     refused = subprocess.run(
         [sys.executable, "-m", "pipeline.probe", str(bad)],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert refused.returncode == 3
     assert "not a video" in json.loads(refused.stdout)["error"]
+
+
+@pytest.mark.parametrize(
+    ("head", "code"),
+    [
+        (b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200, "corrupt_video"),
+        (b"\x30\x26\xb2\x75\x8e\x66\xcf\x11" + b"\x07" * 200, "corrupt_video"),
+        (b"<!doctype html><html><body>not a video</body></html>", "not_a_video"),
+    ],
+)
+def test_pipeline_tells_damaged_from_foreign_files_by_the_same_table(
+    tmp_path: Path, head: bytes, code: str
+) -> None:
+    """The pipeline calls a file that FFmpeg cannot open damaged exactly when the upload
+    check recognises its container."""
+    from pipeline.frames import PipelineError, open_video
+
+    path = tmp_path / "upload.mp4"
+    path.write_bytes(head)
+    with pytest.raises(PipelineError) as caught:
+        open_video(path)
+    assert caught.value.code == code
+    assert (sniff_container(head) is not None) == (code == "corrupt_video")
