@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import training_server_state as state
 from training_server_db import Database, TaskNotFoundError
 from training_server_deps import require_token
+from training_server_limits import DiskReservations, UploadLimits, guarded_h11
 from training_server_models import HERE, VERSION, ApiError, ServerConfig
 from training_server_results import router as results_router
 from training_server_routes import router as task_router
@@ -115,7 +116,13 @@ def create_app(settings: ServerConfig | None = None) -> FastAPI:
         "model you can download.",
     )
     app.state.settings = settings
+    app.state.disk_reservations = DiskReservations()
     install_error_handlers(app)
+    app.add_middleware(
+        UploadLimits,
+        max_uploads=settings.max_concurrent_uploads,
+        idle_timeout=settings.upload_idle_timeout,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -179,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=max(5, int(settings.kill_grace) + 5),
+        # h11, not httptools: it bounds the request line and headers in bytes, and
+        # GuardedH11Protocol bounds them in time (see training_server_limits).
+        http=guarded_h11(settings.header_timeout),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
 
 

@@ -117,6 +117,12 @@ class ServerConfig(BaseSettings):
 
     max_upload_bytes: int = Field(4 * GIB, gt=0)
     min_free_bytes: int = Field(1 * GIB, ge=0, description="free disk kept after an upload")
+    # Uploads held at once (503 + Retry-After beyond), and how long one may send nothing.
+    max_concurrent_uploads: int = Field(8, ge=1, le=1024)
+    upload_idle_timeout: float = Field(60, gt=0, description="seconds without a byte")
+    # The request line and headers: at most this many bytes, within this many seconds.
+    max_header_bytes: int = Field(64 * 1024, ge=4096, le=16 * MIB)
+    header_timeout: float = Field(15, gt=0, description="seconds to send the headers")
     preprocess_slots: int = Field(1, ge=1, le=64)
     training_slots: int = Field(1, ge=1, le=16)
     kill_grace: float = Field(10, ge=0, description="seconds between SIGTERM and SIGKILL")
@@ -165,6 +171,7 @@ class TrainingOptions(BaseModel):
     max_image_size: int | None = Field(None, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
     hold_out: bool | None = None  # None: the server's trainer_hold_out
     keep_checkpoint: bool = False
+    spz_sh_degree: int | None = Field(None, ge=0, le=3)  # None: all the model's SH bands
 
     @model_validator(mode="after")
     def _one_of_iterations_or_preset(self) -> TrainingOptions:
@@ -206,6 +213,7 @@ class TaskParams(BaseModel):
     max_image_size: int | None = None  # None: the server's trainer_max_image_size
     hold_out: bool | None = None  # None: the server's trainer_hold_out
     keep_checkpoint: bool = False
+    spz_sh_degree: int | None = None  # SH degree of model.spz; None: all the .ply has
 
 
 class Progress(BaseModel):

@@ -24,6 +24,7 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.requests import ClientDisconnect, Request
 
 import training_server_trainer as trainer
+from training_server_limits import DiskReservations, Reservation
 from training_server_models import (
     HERE,
     BadRequestError,
@@ -74,12 +75,16 @@ def _disposition(value: bytes) -> tuple[str | None, str | None]:
     )
 
 
-def check_free_disk(folder: Path, needed: int, floor: int) -> None:
-    """Raise InsufficientStorageError when writing `needed` bytes would leave under `floor`."""
+def check_free_disk(folder: Path, needed: int, floor: int, reserved: int = 0) -> None:
+    """Raise InsufficientStorageError when writing `needed` bytes would leave under `floor`,
+    counting the `reserved` bytes that other uploads in flight have declared as taken."""
     free = shutil.disk_usage(folder).free
-    if free - needed < floor:
+    if free - reserved - needed < floor:
+        others = (
+            f", {human_bytes(reserved)} of it promised to uploads in progress" if reserved else ""
+        )
         raise InsufficientStorageError(
-            f"Not enough free disk space: {human_bytes(free)} free, the upload needs "
+            f"Not enough free disk space: {human_bytes(free)} free{others}, the upload needs "
             f"{human_bytes(needed)} plus {human_bytes(floor)} kept free."
         )
 
@@ -196,9 +201,42 @@ async def receive_upload(
             raise BadRequestError("Content-Length is not a number.") from None
         if length > max_bytes + MULTIPART_OVERHEAD:
             raise too_large
-        check_free_disk(target.parent, length, min_free_bytes)
     else:
-        check_free_disk(target.parent, 0, min_free_bytes)
+        length = 0
+    # Uploads in flight have promised their declared sizes: count them as taken (no await
+    # between the check and the reservation, so two uploads cannot both take the last space).
+    reservations: DiskReservations = (
+        getattr(request.app.state, "disk_reservations", None) or DiskReservations()
+    )
+    check_free_disk(target.parent, length, min_free_bytes, reservations.others())
+    reservation = reservations.reserve(length)
+    try:
+        return await _receive_upload(
+            request,
+            target,
+            parser_boundary=boundary,
+            max_bytes=max_bytes,
+            min_free_bytes=min_free_bytes,
+            reservation=reservation,
+            too_large=too_large,
+        )
+    finally:
+        reservation.release()
+
+
+async def _receive_upload(
+    request: Request,
+    target: Path,
+    *,
+    parser_boundary: bytes,
+    max_bytes: int,
+    min_free_bytes: int,
+    reservation: Reservation,
+    too_large: PayloadTooLargeError,
+) -> ReceivedUpload:
+    """The body of receive_upload, with the upload's disk reservation held."""
+    boundary = parser_boundary
+    reservations = reservation.owner
 
     collector = _PartCollector()
     try:
@@ -218,6 +256,7 @@ async def receive_upload(
         try:
             async for chunk in request.stream():
                 received += len(chunk)
+                reservation.received(len(chunk))
                 if received > max_bytes + MULTIPART_OVERHEAD:
                     raise too_large
                 try:
@@ -232,7 +271,10 @@ async def receive_upload(
                     result.size += await _flush(out, collector)
                     if result.size >= next_disk_check:
                         next_disk_check += DISK_CHECK_EVERY
-                        check_free_disk(target.parent, 0, min_free_bytes)
+                        others = reservations.others(reservation) if reservations else 0
+                        check_free_disk(
+                            target.parent, reservation.remaining, min_free_bytes, others
+                        )
         except ClientDisconnect:
             raise ClientGoneError from None
         if collector.file_pending:
