@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import hmac
 import uuid
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
 from training_server_models import ServerConfig, UnauthorizedError
-from training_server_tasks import TaskManager
+
+if TYPE_CHECKING:
+    # Not at run time: stage modules import these dependencies, and the task manager
+    # imports the stages (a cycle otherwise).
+    from training_server_tasks import TaskManager
 
 
 async def get_settings(request: Request) -> ServerConfig:
@@ -48,5 +52,8 @@ async def task_id_path(task_id: uuid.UUID) -> str:
 
 
 Settings = Annotated[ServerConfig, Depends(get_settings)]
-Manager = Annotated[TaskManager, Depends(get_manager)]
+if TYPE_CHECKING:
+    Manager = Annotated[TaskManager, Depends(get_manager)]
+else:
+    Manager = Annotated[object, Depends(get_manager)]  # FastAPI needs only the Depends
 TaskId = Annotated[str, Depends(task_id_path)]

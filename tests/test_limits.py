@@ -170,4 +170,4 @@ def test_connections_that_send_no_or_part_of_a_header_are_closed(start_server) -
     keep.sendall(b"GET /health HTTP/1.1\r\nHo")
     stalled = _read_answer(keep, 20)
     keep.close()
-    assert stalled.startswith(b"HTTP/1.1 408"), stalled[:200]
+    assert b"HTTP/1.1 408" in stalled, stalled[-200:]  # after the rest of the first answer
