@@ -51,6 +51,7 @@ export function createActions(doc, ctx, currentId) {
     "div",
     { class: "actions", role: "group", "aria-label": "Task actions" },
     link("ply", "Download .ply", "primary"),
+    link("spz", "Download .spz", ""),
     link("zip", "Download ZIP", ""),
     trainGroup,
     button("retry", "Retry", ""),
@@ -74,6 +75,7 @@ export function createActions(doc, ctx, currentId) {
       setText(actions.zip, view.zip.label);
     }
     if (view.ply.shown) actions.ply.href = api.url(view.ply.path, {}, { withToken: true });
+    if (view.spz.shown) actions.spz.href = api.url(view.spz.path, {}, { withToken: true });
     const steps = fmt.count(task.params.iterations);
     trainPreset.options[0].textContent = `As uploaded · ${steps} steps`;
   }

@@ -2,7 +2,7 @@
 // its "Task details" list, painted only when what they show changed.
 
 import { h, show } from "./dom.js";
-import { factRows, preprocessingSummary, trainingStats } from "./task-summary.js";
+import { factRows, preprocessingSummary, qualityView, trainingStats } from "./task-summary.js";
 
 function stats(rows) {
   return h(
@@ -42,6 +42,19 @@ export function paintSummary(container, task) {
   }
   const training = trainingStats(train);
   if (training) parts.push(h("h3", {}, "Training"), stats(training));
+  const quality = qualityView(train?.quality);
+  if (quality) {
+    parts.push(
+      h("h3", {}, "Quality"),
+      h(
+        "p",
+        { class: "summary-text quality", "data-verdict": quality.verdict || "unrated" },
+        quality.sentence,
+      ),
+      stats(quality.rows),
+      h("p", { class: "panel-note" }, quality.scale),
+    );
+  }
   container.replaceChildren(...parts);
   show(container, parts.length > 0);
 }

@@ -67,6 +67,15 @@ export function hasModel(task) {
   return Boolean(task.results?.model);
 }
 
+/** Whether a preview of the splats being trained can be shown now: the task trains and the
+ * server says it wrote a snapshot (`results.preview` or `metadata.training_preview`). */
+export function hasPreview(task) {
+  return (
+    task.status === "training" &&
+    Boolean(task.results?.preview || task.metadata?.training_preview)
+  );
+}
+
 /** Whether the task has a dataset to look at (frames, cameras and points): the server has
  * its dataset or its model. */
 export function canPreview(task) {
@@ -96,6 +105,10 @@ export function actionsView(task, health = null) {
       path: `download/${task.task_id}`,
     },
     ply: { shown: model, path: `download/${task.task_id}/ply` },
+    spz: {
+      shown: model && Boolean(task.metadata?.training?.spz_path),
+      path: `download/${task.task_id}/spz`,
+    },
   };
 }
 
@@ -278,13 +291,14 @@ export function availableTabs(task) {
     tabs.add("frames");
     tabs.add("sparse");
   }
-  if (hasModel(task)) tabs.add("model");
+  if (hasModel(task) || hasPreview(task)) tabs.add("model");
   return tabs;
 }
 
-/** The tab worth opening first: the model, else the cameras, else the log. */
+/** The tab worth opening first: the model (or its training preview), else the cameras, else
+ * the log. */
 export function defaultTab(task) {
-  if (hasModel(task)) return "model";
+  if (hasModel(task) || hasPreview(task)) return "model";
   if (canPreview(task)) return "sparse";
   return "log";
 }

@@ -101,15 +101,89 @@ export function videoLine(video = {}, size = null) {
   );
 }
 
+/** The server's default limit on the training images' longest side, when neither a factor
+ * nor a limit was given (the server's trainer_max_image_size). */
+export const DEFAULT_MAX_IMAGE_SIZE = 1600;
+
+/** [width, height] of `metadata.training.image_size` ([w, h] or {width, height}), or null. */
+function sizeOf(value) {
+  if (Array.isArray(value) && value.length >= 2 && value[0] && value[1]) return [value[0], value[1]];
+  if (value && value.width && value.height) return [value.width, value.height];
+  return null;
+}
+
+/** The training resolution in words: the real size once training chose it, else the factor
+ * asked for, else "auto (longest side ≤ N px)". Never "1/null". */
+export function resolutionText(p, training = null) {
+  const size = sizeOf(training?.image_size);
+  const factor = training?.down_sample_factor ?? p.down_sample_factor;
+  if (size) {
+    const scale = factor > 1 ? ` (1/${factor} of the frames)` : factor === 1 ? " (full size)" : "";
+    return `trained at ${size[0]} × ${size[1]} px${scale}`;
+  }
+  if (p.down_sample_factor == null) {
+    const limit = p.max_image_size ?? training?.max_image_size ?? DEFAULT_MAX_IMAGE_SIZE;
+    return `auto resolution (longest side ≤ ${fmt.count(limit)} px)`;
+  }
+  return p.down_sample_factor === 1 ? "full resolution" : `1/${p.down_sample_factor} resolution`;
+}
+
 /** "7,000 steps · 1/2 resolution · checkpoint kept · on request". */
-export function trainingLine(p) {
-  const scale =
-    p.down_sample_factor === 1 ? "full resolution" : `1/${p.down_sample_factor} resolution`;
+export function trainingLine(p, training = null) {
   return (
-    `${fmt.count(p.iterations)} steps · ${scale}` +
+    `${fmt.count(p.iterations)} steps · ${resolutionText(p, training)}` +
     (p.keep_checkpoint ? " · checkpoint kept" : "") +
     (p.auto_training ? "" : " · on request")
   );
+}
+
+/** Held-out PSNR levels of 3DGS on real phone captures, best first: [at least dB, word]. */
+export const PSNR_LEVELS = [
+  [30, "excellent"],
+  [25, "good"],
+  [20, "fair"],
+  [-Infinity, "poor"],
+];
+
+/** "excellent", "good", "fair" or "poor" for a held-out PSNR in dB; "" without one. */
+export function psnrVerdict(psnr) {
+  if (psnr == null || !Number.isFinite(psnr)) return "";
+  return PSNR_LEVELS.find(([least]) => psnr >= least)[1];
+}
+
+/** Whether the quality figures were measured on frames the model never trained on. */
+export function heldOut(quality) {
+  return quality.split === "held_out" || quality.split === "experiment";
+}
+
+/**
+ * `metadata.training.quality` in words: {sentence, scale, rows} (rows as [label, value, note]),
+ * or null when the trainer reported no figures. Held-out PSNR gets a verdict (see PSNR_LEVELS);
+ * figures on the training views get none, since they overstate the quality.
+ */
+export function qualityView(quality) {
+  if (!quality || (quality.psnr == null && quality.ssim == null)) return null;
+  const { psnr, ssim, lpips } = quality;
+  const frames =
+    quality.eval_images != null
+      ? `${fmt.count(quality.eval_images)} frame${quality.eval_images === 1 ? "" : "s"}`
+      : "frames";
+  const figure = psnr != null ? `${psnr.toFixed(1)} dB PSNR` : `SSIM ${ssim.toFixed(2)}`;
+  const alongside = psnr != null && ssim != null ? ` (SSIM ${ssim.toFixed(2)})` : "";
+  const verdict = heldOut(quality) ? psnrVerdict(psnr) : "";
+  const sentence = heldOut(quality)
+    ? `${figure} on ${frames} the model never saw${verdict ? ` — ${verdict}` : ""}${alongside}.`
+    : `${figure}${alongside}, measured on the training frames (no frames were held out), so it overstates quality.`;
+  const scale =
+    "PSNR compares the model's renders with the real frames (higher is better): on real " +
+    "captures below 20 dB is poor, 20–25 fair, 25–30 good, above 30 excellent. " +
+    "SSIM is 1.00 for a perfect match" +
+    (lpips != null ? "; LPIPS is 0 for a perfect match." : ".");
+  const rows = [];
+  if (psnr != null) rows.push(["PSNR", `${psnr.toFixed(1)} dB`, verdict || null]);
+  if (ssim != null) rows.push(["SSIM", ssim.toFixed(3), null]);
+  if (lpips != null) rows.push(["LPIPS", lpips.toFixed(3), "lower is better"]);
+  return { sentence, scale, rows, verdict, heldOut: heldOut(quality) };
 }
 
 /** The "Task details" list as [term, description] pairs. */
@@ -120,7 +194,7 @@ export function factRows(task) {
     ["Message", task.message || "–"],
     ["Video", videoLine(task.metadata?.video || {}, task.video_size ?? null)],
     ["Frames", `${p.min_frames} to ${p.max_frames}`],
-    ["Training", trainingLine(p)],
+    ["Training", trainingLine(p, task.metadata?.training)],
     ["Uploaded", fmt.dateTime(task.created_at)],
     ["Started", fmt.dateTime(task.started_at)],
     ["Finished", fmt.dateTime(task.finished_at)],

@@ -379,3 +379,25 @@ describe("announcements", () => {
     assert.equal(facts.progressAnnouncement(makeTask({ status: "failed" })), null);
   });
 });
+
+describe("training previews and the SPZ download", () => {
+  test("a reported preview opens the 3D model tab while training, and it comes first", () => {
+    const task = makeTask({
+      status: "training",
+      results: { dataset: true, model: false },
+      metadata: { training_preview: { step: 1000, total: 7000 } },
+    });
+    assert.equal(facts.hasPreview(task), true);
+    assert.equal(facts.availableTabs(task).has("model"), true);
+    assert.equal(facts.defaultTab(task), "model");
+    const ended = { ...task, status: "cancelled" };
+    assert.equal(facts.availableTabs(ended).has("model"), false);
+  });
+
+  test("the .spz link shows only when training wrote one", () => {
+    const model = makeTask({ results: { dataset: true, model: true } });
+    assert.equal(facts.actionsView(model).spz.shown, false);
+    const spz = { ...model, metadata: { training: { spz_path: "model.spz" } } };
+    assert.deepEqual(facts.actionsView(spz).spz, { shown: true, path: `download/${model.task_id}/spz` });
+  });
+});

@@ -9,6 +9,9 @@ import {
   failureView,
   notices,
   preprocessingSummary,
+  psnrVerdict,
+  qualityView,
+  resolutionText,
   trainingLine,
   trainingStats,
   videoLine,
@@ -131,4 +134,73 @@ test("the health banner names what this server cannot do", () => {
   assert.equal(notes.length, 3);
   assert.equal(notes[0], "Preprocessing cannot run on this server: pycolmap missing");
   assert.match(notes[2], /1\.0 GiB free/);
+});
+
+describe("the model's quality in words", () => {
+  const held = {
+    psnr: 27.43,
+    ssim: 0.8712,
+    lpips: 0.2,
+    eval_images: 12,
+    split: "held_out",
+    step: 7000,
+    source: "metrics_csv",
+    note: "PSNR and SSIM on 12 held-out frames the model never saw",
+  };
+
+  test("held-out frames give a verdict, SSIM alongside", () => {
+    const view = qualityView(held);
+    assert.equal(view.sentence, "27.4 dB PSNR on 12 frames the model never saw — good (SSIM 0.87).");
+    assert.deepEqual(view.rows, [
+      ["PSNR", "27.4 dB", "good"],
+      ["SSIM", "0.871", null],
+      ["LPIPS", "0.200", "lower is better"],
+    ]);
+    assert.match(view.scale, /below 20 dB is poor, 20–25 fair, 25–30 good, above 30 excellent/);
+    assert.equal(qualityView({ ...held, split: "experiment" }).heldOut, true);
+  });
+
+  test("the thresholds: poor below 20 dB, fair to 25, good to 30, excellent above", () => {
+    assert.deepEqual(
+      [12, 19.9, 20, 24.9, 25, 29.9, 30, 35].map(psnrVerdict),
+      ["poor", "poor", "fair", "fair", "good", "good", "excellent", "excellent"],
+    );
+    assert.equal(psnrVerdict(null), "");
+  });
+
+  test("without held-out frames it says the figures overstate quality, with no verdict", () => {
+    const view = qualityView({ ...held, split: "training_views", lpips: null, eval_images: 40 });
+    assert.equal(
+      view.sentence,
+      "27.4 dB PSNR (SSIM 0.87), measured on the training frames (no frames were held out), so it overstates quality.",
+    );
+    assert.deepEqual(view.rows[0], ["PSNR", "27.4 dB", null]);
+    assert.equal(view.rows.length, 2);
+  });
+
+  test("no figures, no quality", () => {
+    assert.equal(qualityView(undefined), null);
+    assert.equal(qualityView({ psnr: null, ssim: null, split: "held_out" }), null);
+    assert.equal(qualityView({ ...held, eval_images: 1 }).sentence.includes("on 1 frame the"), true);
+  });
+});
+
+describe("the training resolution", () => {
+  const params = { iterations: 7000, down_sample_factor: null, keep_checkpoint: false, auto_training: true };
+
+  test("chosen automatically: the limit asked for, else the server's 1,600 px", () => {
+    assert.equal(resolutionText({ ...params, max_image_size: 1200 }), "auto resolution (longest side ≤ 1,200 px)");
+    assert.equal(resolutionText(params), "auto resolution (longest side ≤ 1,600 px)");
+    assert.equal(trainingLine(params), "7,000 steps · auto resolution (longest side ≤ 1,600 px)");
+    assert.doesNotMatch(trainingLine(params), /null/);
+  });
+
+  test("the real training size once training recorded it", () => {
+    const training = { image_size: [960, 540], down_sample_factor: 2 };
+    assert.equal(resolutionText(params, training), "trained at 960 × 540 px (1/2 of the frames)");
+    const same = { image_size: { width: 1920, height: 1080 }, down_sample_factor: 1 };
+    assert.equal(resolutionText({ ...params, down_sample_factor: 1 }, same), "trained at 1920 × 1080 px (full size)");
+    const task = makeTask({ params, metadata: { training } });
+    assert.deepEqual(factRows(task)[4], ["Training", "7,000 steps · trained at 960 × 540 px (1/2 of the frames)"]);
+  });
 });
