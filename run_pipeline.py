@@ -457,7 +457,11 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
             "PINHOLE / SIMPLE_PINHOLE cameras"
         )
 
-    # 5. Summary
+    # 5. The upright frame, from the dataset's own model (what the trainer and viewer see)
+    scene = sfm.scene_of(dataset / "sparse" / "0")
+    rep.log(f"scene up {scene['up']} ({scene['method']}), scale {scene['scale']}")
+
+    # 6. Summary
     return {
         "summary_version": SUMMARY_VERSION,
         "video": {
@@ -489,6 +493,7 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
         "image_pairs_verified": pair_stats.verified_pairs,
         "camera": camera,
         "camera_distorted": stats["camera_distorted"],
+        "scene": scene,
         "settings": vars(opts)
         | {
             "first_octave": sfm.first_octave_for(*size, opts),

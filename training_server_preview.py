@@ -21,12 +21,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.protocol import SUMMARY_NAME
+from pipeline.scene import scene_object, valid_scene
+
 FRAME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(?:jpg|jpeg|png)", re.IGNORECASE)
 THUMBNAIL_MIN, THUMBNAIL_MAX = 64, 1024
 THUMBNAIL_STEP = 64  # sizes are rounded up to a multiple of this, so the cache stays small
 THUMBNAIL_QUALITY = 82
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_SPARSE_POINTS = 50_000
+MAX_SUMMARY_BYTES = 16 * 1024 * 1024
 THUMBNAIL_DIR = "thumbnails"
 PREVIEW_DIR = "preview"
 SPARSE_FILES = ("cameras.bin", "images.bin", "points3D.bin")
@@ -290,12 +294,19 @@ def read_points(data: bytes, limit: int) -> tuple[np.ndarray, np.ndarray, int]:
     return xyz, rgb, count
 
 
-def sparse_signature(sparse: Path) -> str:
-    """A short key that changes whenever one of the model's files changes."""
+def sparse_signature(sparse: Path, summary: Path | None = None) -> str:
+    """A short key that changes whenever one of the model's files (or the summary beside
+    the dataset, when given: it holds the scene's upright frame) changes."""
     parts = []
     for name in SPARSE_FILES:
         info = os.lstat(sparse / name)
         parts.append(f"{name}:{info.st_size}:{info.st_mtime_ns}")
+    if summary is not None:
+        try:
+            info = os.lstat(summary)
+            parts.append(f"summary:{info.st_size}:{info.st_mtime_ns}")
+        except OSError:
+            parts.append("summary:none")
     return hashlib.sha1("|".join(parts).encode(), usedforsecurity=False).hexdigest()[:16]
 
 
@@ -306,10 +317,25 @@ def _decimals(extent: float) -> int:
     return int(min(8, max(0, np.ceil(5 - np.log10(extent)))))
 
 
-def build_sparse(sparse: Path, max_points: int = MAX_SPARSE_POINTS) -> dict[str, Any]:
+def stored_scene(summary: Path) -> dict[str, Any] | None:
+    """The `scene` object (the upright frame) of a preprocessing summary, or None when the
+    summary is missing, unreadable or older than the scene."""
+    try:
+        data = json.loads(read_no_follow(summary, MAX_SUMMARY_BYTES))
+    except (PreviewError, ValueError, UnicodeDecodeError):
+        return None
+    scene = data.get("scene") if isinstance(data, dict) else None
+    return scene if valid_scene(scene) else None
+
+
+def build_sparse(
+    sparse: Path, max_points: int = MAX_SPARSE_POINTS, scene: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The sparse model in the web page's shape: at most `max_points` points (flat xyz and
-    rgb arrays), every camera's centre (-Rᵀt), viewing direction and up vector, and a
-    suggested view (centre, radius and the cameras' mean up direction)."""
+    rgb arrays), every camera's centre (-Rᵀt), viewing direction and up vector, a suggested
+    view (centre, radius and the cameras' mean up direction), and the scene's upright frame
+    (`scene`: the one given, as stored with the dataset, else computed from this model; None
+    without registered cameras) with `source` saying which."""
     try:
         cameras = read_cameras(read_no_follow(sparse / "cameras.bin", 64 * 1024 * 1024))
         images = read_images(read_no_follow(sparse / "images.bin", 2 * 1024**3))
@@ -354,6 +380,19 @@ def build_sparse(sparse: Path, max_points: int = MAX_SPARSE_POINTS) -> dict[str,
     def vector(values: np.ndarray, digits: int = places) -> list[float]:
         return [round(float(v), digits) for v in values]
 
+    if scene is not None:
+        scene = {**scene, "source": "summary"}
+    elif images:
+        try:
+            scene = scene_object(
+                np.array([image["rotation"] for image in images]),
+                np.array([image["translation"] for image in images]),
+                xyz if len(xyz) else None,
+            )
+            scene["source"] = "computed"
+        except ValueError:  # degenerate cameras: no up direction
+            scene = None
+
     return {
         "points": {
             "total": total,
@@ -373,6 +412,7 @@ def build_sparse(sparse: Path, max_points: int = MAX_SPARSE_POINTS) -> dict[str,
         "center": vector(centre),
         "radius": round(max(radius, 1e-6), places + 2),
         "up": vector(up, 5),
+        "scene": scene,
     }
 
 
@@ -382,8 +422,9 @@ def sparse_preview(dataset: Path, cache_dir: Path) -> tuple[bytes, str]:
     sparse = _dirs_real(dataset, "sparse", "0")
     if sparse is None:
         raise PreviewError("The dataset has no sparse model (sparse/0).")
+    summary = dataset.parent / SUMMARY_NAME
     try:
-        signature = sparse_signature(sparse)
+        signature = sparse_signature(sparse, summary)
     except OSError as exc:
         raise PreviewError("The sparse model is incomplete.") from exc
     cached = cache_dir / f"sparse-{signature}.json"
@@ -391,7 +432,8 @@ def sparse_preview(dataset: Path, cache_dir: Path) -> tuple[bytes, str]:
         return read_no_follow(cached, 256 * 1024 * 1024), signature
     except PreviewError:
         pass
-    body = json.dumps(build_sparse(sparse), separators=(",", ":")).encode()
+    payload = build_sparse(sparse, scene=stored_scene(summary))
+    body = json.dumps(payload, separators=(",", ":")).encode()
     folder = cache_folder(cache_dir.parent, cache_dir.name)
     if folder is not None:
         for old in folder.glob("sparse-*.json"):

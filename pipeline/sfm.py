@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pycolmap
 
+from pipeline.scene import scene_object
+
 ProgressFn = Callable[[int, int | None], None]
 
 POLL_SECONDS = 0.5
@@ -433,6 +435,18 @@ def model_stats(model: pycolmap.Reconstruction) -> dict[str, Any]:
         "mean_track_length": round(float(model.compute_mean_track_length()), 3),
         "camera_distorted": camera_info(next(iter(model.cameras.values()))),
     }
+
+
+def scene_of(model_dir: Path) -> dict[str, Any]:
+    """The `scene` object (pipeline.scene) of the model in `model_dir`: its upright frame
+    from the registered cameras in frame (name) order and all its points."""
+    model = pycolmap.Reconstruction(model_dir)
+    images = sorted((im for im in model.images.values() if im.has_pose), key=lambda im: im.name)
+    poses = [im.cam_from_world() for im in images]
+    rotations = np.array([pose.rotation.matrix() for pose in poses])
+    translations = np.array([pose.translation for pose in poses])
+    points = np.array([p.xyz for p in model.points3D.values()]).reshape(-1, 3)
+    return scene_object(rotations, translations, points if len(points) else None)
 
 
 def _dataset_camera(out_dir: Path) -> dict[str, Any]:

@@ -586,3 +586,43 @@ def test_synthetic_orbit_matches_ground_truth(tmp_path, orbit_video):
         math.degrees(math.acos(np.clip((np.trace(rel[0].T @ r) - 1) / 2, -1, 1))) for r in rel
     ]
     assert max(angles) < 1.0
+    # The upright frame stored with the dataset: its up is the truth's +Z (the synthetic
+    # world's up) once the arbitrary COLMAP frame is aligned to the truth.
+    scene = s["scene"]
+    assert scene["frame"] == "+Y up, centred, first camera looking along -Z"
+    idx = sorted(est)
+    _, align, _ = sv.similarity_align(np.array([est[i] for i in idx]), orbit_video.centers[idx])
+    up_truth = align @ np.array(scene["up"])
+    tilt = math.degrees(math.acos(np.clip(up_truth[2], -1, 1)))
+    print(f"scene up: {tilt:.2f}° from the truth ({scene['method']})")
+    assert tilt < 3.0
+    matrix = np.array(scene["matrix"])
+    centres = np.array([by_index[i].projection_center() for i in names])
+    upright = centres @ matrix[:3, :3].T + matrix[:3, 3]
+    # Centred and scaled: the cameras' median distance from the centre is 1; the orbit is
+    # level, so the camera heights in the upright frame barely vary.
+    assert abs(np.median(np.linalg.norm(upright, axis=1)) - 1.0) < 1e-6
+    assert np.ptp(upright[:, 1]) < 0.25 * np.ptp(upright[:, 0])
+    first_view = matrix[:3, :3] @ by_index[names[0]].cam_from_world().rotation.matrix()[2]
+    assert first_view[2] < 0 and abs(first_view[0]) < 1e-6 * np.linalg.norm(first_view)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_scene_up_of_an_orbit_in_a_rotated_world(seed):
+    """The orbit's cameras expressed in a deliberately rotated world: the scene's up is the
+    rotated +Z within a degree, whatever the rotation."""
+    from pipeline.scene import scene_object
+
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    world = q * np.sign(np.diag(r))
+    if np.linalg.det(world) < 0:
+        world[:, 0] = -world[:, 0]
+    poses = sv.orbit_poses(36, turns=0.75, seed=seed)
+    rotations = np.array([p.rotation @ world.T for p in poses])  # x = R Wᵀ (W X) + t
+    translations = np.array([p.translation for p in poses])
+    scene = scene_object(rotations, translations)
+    tilt = math.degrees(math.acos(np.clip(np.dot(scene["up"], world @ [0, 0, 1]), -1, 1)))
+    assert tilt < 1.0, scene
+    matrix = np.array(scene["matrix"])
+    assert np.allclose(matrix[:3, :3] @ world @ [0, 0, 1] / scene["scale"], [0, 1, 0], atol=0.02)

@@ -229,6 +229,19 @@ def test_sparse_payload_matches_the_stand_in_model(dataset_task):
     assert body["center"] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
     assert body["up"] == pytest.approx([0.0, -1.0, 0.0], abs=1e-4)
     assert 0.5 < body["radius"] < 1.0
+    # The stand-in's summary predates the upright frame: the server computes it. The cameras
+    # circle the origin at distance 4 in the x-z plane, with COLMAP's -y up.
+    scene = body["scene"]
+    assert scene["source"] == "computed"
+    assert scene["frame"] == "+Y up, centred, first camera looking along -Z"
+    assert scene["up"] == pytest.approx([0.0, -1.0, 0.0], abs=1e-6)
+    assert scene["centre"] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    assert scene["scale"] == pytest.approx(0.25, rel=1e-6)
+    matrix = np.array(scene["matrix"])
+    first = np.array([*cameras[0]["center"], 1.0])
+    assert (matrix @ first)[:3] == pytest.approx([0.0, 0.0, 1.0], abs=1e-3)  # behind the origin
+    view = matrix[:3, :3] @ np.array(cameras[0]["direction"])
+    assert view / np.linalg.norm(view) == pytest.approx([0.0, 0.0, -1.0], abs=1e-3)
 
     # Built once, then served from the cache; the ETag saves the transfer.
     cached = list((task_dir / "preview").glob("sparse-*.json"))
@@ -334,3 +347,34 @@ def test_truncated_model_is_reported(tmp_path):
     (tmp_path / "sparse" / "points3D.bin").write_bytes(data[:-10])
     with pytest.raises(preview.PreviewCorruptError, match="cannot be read"):
         preview.build_sparse(tmp_path / "sparse")
+
+
+def test_sparse_scene_comes_from_the_summary_beside_the_dataset(tmp_path):
+    """A summary that carries the upright frame wins over computing one; a new summary
+    changes the cached preview's signature."""
+    dataset = tmp_path / "task" / "images_undistorted"
+    write_model(dataset / "sparse" / "0", np.zeros((3, 3)), [1, 2, 3])
+    cache = tmp_path / "task" / "preview"
+    body, first_signature = preview.sparse_preview(dataset, cache)
+    computed = json.loads(body)["scene"]
+    assert computed["source"] == "computed"
+
+    stored = {
+        "up": [0.0, 0.0, 1.0],
+        "centre": [1.0, 2.0, 3.0],
+        "radius": 2.0,
+        "scale": 0.5,
+        "matrix": [[0.5, 0, 0, -0.5], [0, 0, 0.5, -1.5], [0, -0.5, 0, 1.0], [0, 0, 0, 1]],
+        "frame": "+Y up, centred, first camera looking along -Z",
+        "method": "camera rights",
+    }
+    summary = tmp_path / "task" / "preprocess_summary.json"
+    summary.write_text(json.dumps({"summary_version": 1, "scene": stored}))
+    body, signature = preview.sparse_preview(dataset, cache)
+    assert signature != first_signature
+    assert json.loads(body)["scene"] == {**stored, "source": "summary"}
+    assert len(list(cache.glob("sparse-*.json"))) == 1
+
+    # A summary without a usable scene (an older run, or a damaged one) is ignored.
+    summary.write_text(json.dumps({"summary_version": 1, "scene": {"up": "north"}}))
+    assert json.loads(preview.sparse_preview(dataset, cache)[0])["scene"] == computed
