@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import training_server_exports as exports
 import training_server_trainer as trainer
 from training_server_executor import Executor, StageCommand, run_command
 from training_server_models import CommandHealth, EndReason, ServerConfig, Stage, TaskParams
@@ -426,6 +427,7 @@ async def train(ctx: StageContext) -> StageResult:
                  "total": iterations, "percent": round(100 * plan.start_step / iterations, 2)}
             )  # fmt: skip
         snapshots = _SnapshotWatch(output_dir)
+        await asyncio.to_thread(exports.remove_files, output_dir, exports.MODEL_SPZ)  # stale
 
         def on_text(chunk: bytes) -> None:
             snapshots.feed(chunk)
@@ -434,14 +436,21 @@ async def train(ctx: StageContext) -> StageResult:
                 ctx.report_progress(_training_fields(update, label))
 
         timeout_s = settings.training_timeout
-        outcome = await _run(
-            ctx,
-            argv,
-            cwd=ctx.checkout,
-            timeout_s=timeout_s,
-            on_text=on_text,
-            env=trainer.trainer_environment(),
+        previews = exports.PreviewWatcher(
+            output_dir, ctx.paths.task_dir(ctx.task_id), iterations, ctx.log
         )
+        previews.start()
+        try:
+            outcome = await _run(
+                ctx,
+                argv,
+                cwd=ctx.checkout,
+                timeout_s=timeout_s,
+                on_text=on_text,
+                env=trainer.trainer_environment(),
+            )
+        finally:
+            await previews.stop()
         await asyncio.to_thread(trainer.prune_snapshots, output_dir, iterations)
         if outcome.timed_out or outcome.returncode != 0:
             return failure(Stage.TRAINING, outcome, ctx.log, timeout_s)
@@ -464,6 +473,16 @@ async def train(ctx: StageContext) -> StageResult:
             f"Quality at step {quality['step']}: PSNR {quality['psnr']}, SSIM "
             f"{quality['ssim']}, LPIPS {quality['lpips']} ({quality['note']})"
         )
+    results["other_files"] = [f for f in results["other_files"] if f != exports.MODEL_SPZ]
+    results.update(
+        await exports.export_final(
+            output_dir,
+            ctx.paths.task_dir(ctx.task_id),
+            results["ply_path"],
+            ctx.params.spz_sh_degree,
+            ctx.log,
+        )
+    )
     message = "Training completed"
     if plan.resume:
         message += f" (resumed from step {plan.start_step} of {iterations})"

@@ -789,14 +789,18 @@ def _reached_without_links(root: Path, path: Path) -> bool:
     return path.is_file() and path.resolve().is_relative_to(root.resolve())
 
 
+MODEL_SPZ = "model.spz"  # the final model as SPZ (training_server_exports), when it was made
+
+
 def result_files(output_dir: Path, keep_checkpoint: bool) -> list[tuple[Path, str]]:
-    """(file, name in the ZIP): the final .ply, cameras.json, configs, metrics, checkpoint.
+    """(file, name in the ZIP): the final .ply, its SPZ, cameras.json, configs, metrics,
+    checkpoint.
 
     Only the latest checkpoint, and only with `keep_checkpoint`. Symbolic links and anything
     resolving outside `output_dir` are left out.
     """
     final = _final_ply(output_dir)
-    files = [final[1]] if final else []
+    files = [final[1], output_dir / MODEL_SPZ] if final else []
     files += [output_dir / n for n in ("cameras.json", "cfg_args", "config.yaml")]
     for version in sorted(output_dir.glob("lightning_logs/version_*")):
         files += [version / "config.yaml", version / "hparams.yaml"]
