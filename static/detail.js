@@ -8,7 +8,8 @@ import { $, bar, h, setBar, setText, show } from "./dom.js";
 import * as fmt from "./format.js";
 import { createFramesPanel } from "./panel-frames.js";
 import { createLogPanel } from "./panel-log.js";
-import { createModelPanel, createSparsePanel } from "./panel-3d.js";
+import { createSparsePanel } from "./panel-3d.js";
+import { createModelPanel } from "./panel-model.js";
 import * as facts from "./task-facts.js";
 import { failureView, notices } from "./task-summary.js";
 

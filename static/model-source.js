@@ -22,7 +22,7 @@ export function modelSource(task, { phone = false } = {}) {
   const id = task.task_id;
   const limit = phone ? AUTOLOAD_BYTES.phone : AUTOLOAD_BYTES.desktop;
   if (training.spz_path) {
-    const size = training.spz_size_bytes || 0;
+    const size = training.spz_bytes || training.spz_size_bytes || 0;
     return { type: "spz", path: `download/${id}/spz`, size, confirm: size > limit };
   }
   const size = training.ply_size_bytes || 0;

@@ -258,6 +258,39 @@ export class SparseView extends Stage {
   }
 }
 
+/** The splats' centre and size from their bounding box. */
+function boxFrame(THREE, mesh) {
+  const box = mesh.getBoundingBox(true);
+  const center = box.getCenter(new THREE.Vector3());
+  const size = Math.max(box.getSize(new THREE.Vector3()).length() / 2, 1e-3);
+  return { center, size };
+}
+
+/** The start view of a .ply (COLMAP's frame): a little behind the first camera, with the
+ * cameras' up; without cameras, from -z with y down. */
+function colmapView(THREE, mesh, sparse) {
+  if (sparse && sparse.cameras.length) {
+    const frame = sceneFrame(THREE, sparse);
+    const first = sparse.cameras[0];
+    const position = vec(THREE, first.center).addScaledVector(
+      vec(THREE, first.direction).normalize(),
+      -frame.size * 0.15,
+    );
+    return { position, frame };
+  }
+  const { center, size } = boxFrame(THREE, mesh);
+  const frame = { center, size, up: new THREE.Vector3(0, -1, 0) }; // COLMAP: y points down
+  return { position: center.clone().add(new THREE.Vector3(0, -0.5, -2).multiplyScalar(size)), frame };
+}
+
+/** The start view of an upright SPZ (+Y up, the first camera looking along -Z): from +Z,
+ * a little raised, towards the splats' centre. */
+function uprightView(THREE, mesh) {
+  const { center, size } = boxFrame(THREE, mesh);
+  const frame = { center, size, up: new THREE.Vector3(0, 1, 0) };
+  return { position: center.clone().add(new THREE.Vector3(0, 0.5, 2).multiplyScalar(size)), frame };
+}
+
 /** The trained Gaussian splats, drawn by Spark. */
 export class SplatView extends Stage {
   constructor(host, modules) {
@@ -269,38 +302,43 @@ export class SplatView extends Stage {
     });
     this.scene.add(this.sparkRenderer);
     this.mesh = null;
+    this.type = null; // "ply" or "spz": the frame the camera was set up for
   }
 
-  /** Show the .ply bytes; `sparse` (optional) gives the capture's up and first camera. */
-  async show(bytes, sparse) {
+  /**
+   * Show splat file bytes: `type` "ply" (COLMAP's frame, y down: the camera takes its up and
+   * start from `sparse`, the capture's cameras) or "spz" (stored upright, +Y up in SPZ's own
+   * RUB frame; Spark reads its values as they are, so nothing is turned and the sparse
+   * cameras, which are in COLMAP's frame, are not used). No rotation is ever set on the mesh.
+   * `keepView`: a newer version of the same scene (a training preview, then the final model)
+   * replaces the shown one without moving the user's camera. Returns the splat count.
+   */
+  async show(bytes, { type = "ply", sparse = null, keepView = false } = {}) {
     const { THREE, spark } = this;
+    const spz = type === "spz";
     const mesh = new spark.SplatMesh({
       fileBytes: bytes,
-      fileType: spark.SplatFileType.PLY,
-      fileName: "point_cloud.ply",
+      fileType: spz ? spark.SplatFileType.SPZ : spark.SplatFileType.PLY,
+      fileName: spz ? "model.spz" : "point_cloud.ply",
     });
-    this.mesh = mesh;
     await mesh.initialized;
-    if (!this.renderer) return 0; // closed while loading
-    this.scene.add(mesh);
-    let frame;
-    let position;
-    if (sparse && sparse.cameras.length) {
-      frame = sceneFrame(THREE, sparse);
-      // Start where the video started, a little behind the first camera.
-      const first = sparse.cameras[0];
-      position = vec(THREE, first.center).addScaledVector(
-        vec(THREE, first.direction).normalize(),
-        -frame.size * 0.15,
-      );
-    } else {
-      const box = mesh.getBoundingBox(true);
-      const center = box.getCenter(new THREE.Vector3());
-      const size = Math.max(box.getSize(new THREE.Vector3()).length() / 2, 1e-3);
-      frame = { center, size, up: new THREE.Vector3(0, -1, 0) }; // COLMAP: y points down
-      position = center.clone().add(new THREE.Vector3(0, -0.5, -2).multiplyScalar(size));
+    if (!this.renderer) {
+      mesh.dispose?.(); // closed while loading
+      return 0;
     }
-    this.look(position, frame.center, frame.up, frame.size);
+    const old = this.mesh;
+    const sameFrame = old && this.type === type;
+    this.mesh = mesh;
+    this.type = type;
+    this.scene.add(mesh);
+    if (old) {
+      this.scene.remove(old);
+      old.dispose?.();
+    }
+    if (!(keepView && sameFrame && this.controls)) {
+      const { position, frame } = spz ? uprightView(THREE, mesh) : colmapView(THREE, mesh, sparse);
+      this.look(position, frame.center, frame.up, frame.size);
+    }
     this.invalidate(4);
     return mesh.packedSplats?.numSplats ?? 0;
   }

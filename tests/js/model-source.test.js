@@ -29,7 +29,7 @@ function trained(training) {
 
 describe("the file the splat view loads", () => {
   test("the SPZ when training wrote one, on desktops and phones alike", () => {
-    const task = trained({ spz_path: "model.spz", spz_size_bytes: 9 * MIB });
+    const task = trained({ spz_path: "model.spz", spz_bytes: 9 * MIB });
     for (const phone of [false, true]) {
       assert.deepEqual(modelSource(task, { phone }), {
         type: "spz",
