@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 import training_server_state as state
 from training_server_db import Database, TaskNotFoundError
@@ -53,10 +54,13 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            {"detail": exc.detail}, exc.status_code, headers=getattr(exc, "headers", None)
-        )
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only; a path served
+            # by several routes (GET and DELETE /tasks/{id}) allows all of theirs.
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers or None)
 
     @app.exception_handler(state.InvalidTransitionError)
     async def lost_race(_: Request, exc: state.InvalidTransitionError) -> JSONResponse:
@@ -79,6 +83,22 @@ def install_error_handlers(app: FastAPI) -> None:
             },
             500,
         )
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app accepts at the request's path."""
+    return [
+        method
+        for method in METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+            if not isinstance(route, Mount)  # static files: they answer GET alone
+        )
+    ]
 
 
 # -- the app -----------------------------------------------------------------------------

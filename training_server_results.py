@@ -15,7 +15,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import MalformedRangeHeader, Response, StreamingResponse
 from zipstream import ZipStream
 
 import training_server_preview as preview
@@ -40,7 +40,7 @@ from training_server_utils import (
 router = APIRouter(dependencies=[Depends(require_token)])
 
 
-def _zip_response(files: list[tuple[Path, str]], filename: str) -> StreamingResponse:
+def _zip_response(files: list[tuple[Path, str]], filename: str, *, head: bool = False) -> Response:
     archive = ZipStream(sized=True)
     for path, arcname in files:
         archive.add_path(str(path), arcname, recurse=False)
@@ -48,7 +48,21 @@ def _zip_response(files: list[tuple[Path, str]], filename: str) -> StreamingResp
         "Content-Disposition": content_disposition(filename),
         "Content-Length": str(len(archive)),
     }
+    if head:  # the headers a GET would have, without building the archive
+        return Response(media_type="application/zip", headers=headers)
     return StreamingResponse(_iterate(archive), media_type="application/zip", headers=headers)
+
+
+class WholeFileOnBadRange(FileResponse):
+    """A FileResponse that serves the whole file when the Range header is invalid, as RFC
+    9110 (14.2) asks, instead of answering 400; an unsatisfiable range still gets 416."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []
 
 
 def _iterate(archive: ZipStream, batch: int = 1024 * 1024) -> Iterator[bytes]:
@@ -67,8 +81,12 @@ def _iterate(archive: ZipStream, batch: int = 1024 * 1024) -> Iterator[bytes]:
         yield b"".join(pieces)
 
 
-@router.get("/download/{task_id}", responses={200: {"content": {"application/zip": {}}}})
-async def download(task_id: TaskId, manager: Manager) -> StreamingResponse:
+@router.api_route(
+    "/download/{task_id}",
+    methods=["GET", "HEAD"],
+    responses={200: {"content": {"application/zip": {}}}},
+)
+async def download(request: Request, task_id: TaskId, manager: Manager) -> Response:
     """A ZIP of the result: the trained model once training_completed (named
     `{id}_output.zip`, as the original server named it), else the COLMAP dataset whenever the
     task has one (`results.dataset`: after preprocessing, during and after training)."""
@@ -95,11 +113,13 @@ async def download(task_id: TaskId, manager: Manager) -> StreamingResponse:
         )
     if not files:
         raise GoneError("The task's result files are missing.")
-    return _zip_response(files, filename)
+    return _zip_response(files, filename, head=request.method == "HEAD")
 
 
-@router.get(
-    "/download/{task_id}/ply", responses={200: {"content": {"application/octet-stream": {}}}}
+@router.api_route(
+    "/download/{task_id}/ply",
+    methods=["GET", "HEAD"],
+    responses={200: {"content": {"application/octet-stream": {}}}},
 )
 async def download_ply(task_id: TaskId, manager: Manager) -> FileResponse:
     """The trained model's final .ply alone, for splat viewers."""
@@ -116,7 +136,7 @@ async def download_ply(task_id: TaskId, manager: Manager) -> FileResponse:
     path = (output_dir / relative) if relative else None
     if path is None or not _inside(path, output_dir) or not path.is_file():
         raise GoneError("The model file is missing.")
-    return FileResponse(
+    return WholeFileOnBadRange(
         path,
         media_type="application/octet-stream",
         headers={

@@ -23,6 +23,9 @@ from pipeline.protocol import (  # noqa: F401
 MAX_NAME_BYTES = 200
 LOG_NAME = "training_server.log"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Bidirectional marks, embeddings, overrides and isolates: they make a shown name lie
+# ("evil\u202egpj.exe" shows as "evilexe.jpg").
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def sanitize_filename(name: str | None) -> str | None:
@@ -32,7 +35,7 @@ def sanitize_filename(name: str | None) -> str | None:
         return None
     name = unicodedata.normalize("NFC", name)
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = _CONTROL.sub("", name).strip().strip(".")
+    name = _BIDI.sub("", _CONTROL.sub("", name)).strip().strip(".")
     if not name:
         return None
     encoded = name.encode("utf-8")

@@ -194,3 +194,44 @@ def test_symlinks_in_result_folders_are_never_followed(start_server, tmp_path, m
         ply.unlink()
         os.symlink(secret, ply)
         assert client.get(f"/download/{model_task}/ply").status_code == 410
+
+
+def test_downloads_answer_head_ignore_bad_ranges_and_strip_bidi_names(start_server, tmp_path):
+    """Issue 11, item 13: HEAD on downloads, an invalid Range ignored (RFC 9110 14.2), the
+    Allow header of a 405 names every method of the path, and bidi controls leave names."""
+    server = start_server()
+    with server.client() as client:
+        with OFFICE_VIDEO.open("rb") as f:
+            name = "evil\u202egpj\u2066.mp4"
+            response = client.post("/upload", files={"file": (name, f, "video/mp4")})
+        assert response.status_code == 202, response.text
+        task_id = response.json()["task_id"]
+        assert wait_status(client, task_id, TERMINAL)["status"] == "training_completed"
+
+        whole = client.get(f"/download/{task_id}/ply")
+        assert whole.status_code == 200
+        disposition = whole.headers["content-disposition"]
+        assert "%E2%80%AE" not in disposition and "%E2%81%A6" not in disposition
+        assert "evilgpj.ply" in disposition
+
+        for url in (f"/download/{task_id}", f"/download/{task_id}/ply"):
+            get = client.get(url)
+            head = client.head(url)
+            assert head.status_code == 200, (url, head.status_code)
+            assert head.content == b""
+            assert head.headers["content-length"] == get.headers["content-length"]
+            assert head.headers["content-disposition"] == get.headers["content-disposition"]
+
+        for bad in ("bytes=abc", "pages=0-10", "bytes=10-5", "bytes="):
+            ignored = client.get(f"/download/{task_id}/ply", headers={"Range": bad})
+            assert ignored.status_code == 200, (bad, ignored.status_code)
+            assert ignored.content == whole.content
+        part = client.get(f"/download/{task_id}/ply", headers={"Range": "bytes=0-9"})
+        assert part.status_code == 206 and part.content == whole.content[:10]
+        beyond = client.get(f"/download/{task_id}/ply", headers={"Range": "bytes=999999999-"})
+        assert beyond.status_code == 416
+
+        refused = client.put(f"/tasks/{task_id}")
+        assert refused.status_code == 405
+        allowed = {m.strip() for m in refused.headers["allow"].split(",")}
+        assert {"GET", "HEAD", "DELETE"} <= allowed, allowed
