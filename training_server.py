@@ -24,10 +24,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
 import training_server_state as state
-from training_server_db import Database, TaskNotFoundError
+from training_server_db import Database, DatabaseDamagedError, TaskNotFoundError, check_integrity
 from training_server_deps import require_token
 from training_server_limits import DiskReservations, UploadLimits, guarded_h11
 from training_server_models import HERE, VERSION, ApiError, ServerConfig
+from training_server_exports import router as exports_router
 from training_server_results import router as results_router
 from training_server_routes import router as task_router
 from training_server_tasks import TaskManager
@@ -108,6 +109,11 @@ def allowed_methods(request: Request) -> list[str]:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the database, recover and start the task manager; stop it on the way out."""
     settings: ServerConfig = app.state.settings
+    try:
+        await check_integrity(settings.db_path)
+    except DatabaseDamagedError as exc:
+        log.error("%s", exc)
+        raise
     db = await Database.open(settings.db_path)
     manager = TaskManager(settings, db)
     app.state.manager = manager
@@ -154,6 +160,7 @@ def create_app(settings: ServerConfig | None = None) -> FastAPI:
     api.include_router(task_router)
     app.include_router(api)
     app.include_router(results_router)
+    app.include_router(exports_router)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:

@@ -162,6 +162,39 @@ async def migrate(conn: aiosqlite.Connection) -> int:
     return SCHEMA_VERSION
 
 
+class DatabaseDamagedError(RuntimeError):
+    """The database file fails SQLite's integrity check; the message says what to do."""
+
+
+def _quick_check(path: Path) -> list[str]:
+    conn = sqlite3.connect(path, timeout=30)
+    try:
+        rows = conn.execute("PRAGMA quick_check(20)").fetchall()
+    finally:
+        conn.close()
+    return [str(row[0]) for row in rows if row and row[0] != "ok"]
+
+
+async def check_integrity(path: Path) -> None:
+    """Run `PRAGMA quick_check` on an existing database file (in a worker thread); raise
+    DatabaseDamagedError naming the file and what to do when it finds damage."""
+    if not path.exists() or path.stat().st_size == 0:  # noqa: ASYNC240 (start-up)
+        return
+    try:
+        problems = await asyncio.to_thread(_quick_check, path)
+    except sqlite3.DatabaseError as exc:
+        problems = [str(exc)]
+    if problems:
+        found = "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
+        raise DatabaseDamagedError(
+            f"The task database {path} is damaged (PRAGMA quick_check: {found}). Stop here "
+            f"and keep a copy of the file; then restore it from a backup, or recover what it "
+            f"holds with `sqlite3 {path} .recover | sqlite3 {path}.recovered` and move that "
+            f"in its place, or move it away to start with an empty database (the task "
+            f"folders are kept; TRAINING_SERVER_ORPHAN_FOLDERS says what becomes of them)."
+        )
+
+
 class Database:
     """The task store: one writer connection and one reader connection to one SQLite file."""
 

@@ -10,8 +10,9 @@ import time
 import zipfile
 
 import httpx
+import pytest
 
-from conftest import OFFICE_VIDEO, TERMINAL, upload, wait_status
+from conftest import OFFICE_VIDEO, TERMINAL, ServerProcess, settings_env, upload, wait_status
 
 BOUNDARY = "formboundary"
 
@@ -235,3 +236,26 @@ def test_downloads_answer_head_ignore_bad_ranges_and_strip_bidi_names(start_serv
         assert refused.status_code == 405
         allowed = {m.strip() for m in refused.headers["allow"].split(",")}
         assert {"GET", "HEAD", "DELETE"} <= allowed, allowed
+
+
+def test_a_damaged_database_is_refused_at_start_up_with_what_to_do(start_server, tmp_path):
+    """Issue 11, item 12: one damaged page used to start a server whose /health said ok."""
+    server = start_server()
+    with server.client() as client:
+        assert upload(client).status_code == 202
+    server.terminate()  # WAL checkpointed into the main file
+    db_path = tmp_path / "training_server.db"
+    page = 4096
+    with db_path.open("r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        assert size >= 3 * page
+        f.seek(size - page)  # the last page: rows or an index, not the schema
+        f.write(bytes(range(256)) * (page // 256))
+    again = ServerProcess(tmp_path, settings_env(tmp_path))
+    with pytest.raises(RuntimeError) as failed:
+        again.start(timeout=60)
+    output = str(failed.value)
+    assert str(db_path) in output
+    assert "quick_check" in output
+    assert ".recover" in output
+    assert again.proc is not None and again.proc.wait(10) != 0
