@@ -13,12 +13,21 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from html import escape
+from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+)
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
@@ -26,9 +35,9 @@ from starlette.routing import Match, Mount
 import training_server_state as state
 from training_server_db import Database, DatabaseDamagedError, TaskNotFoundError, check_integrity
 from training_server_deps import require_token
+from training_server_exports import router as exports_router
 from training_server_limits import DiskReservations, UploadLimits, guarded_h11
 from training_server_models import HERE, VERSION, ApiError, ServerConfig
-from training_server_exports import router as exports_router
 from training_server_results import router as results_router
 from training_server_routes import router as task_router
 from training_server_tasks import TaskManager
@@ -102,6 +111,52 @@ def allowed_methods(request: Request) -> list[str]:
     ]
 
 
+# -- the API docs, offline ------------------------------------------------------------------
+
+SWAGGER_URL = "/vendor/swagger-ui"
+SWAGGER_DIR = HERE / "node_modules" / "swagger-ui-dist"
+
+
+def install_docs(app: FastAPI) -> None:
+    """/openapi.json and /docs behind the token; /docs is Swagger UI from node_modules
+    (package.json) when it is installed, else a plain page listing the endpoints."""
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_token)])
+    async def docs() -> Response:
+        if (SWAGGER_DIR / "swagger-ui-bundle.js").is_file():
+            return get_swagger_ui_html(
+                openapi_url="/openapi.json",
+                title=f"{app.title} - API",
+                swagger_js_url=f"{SWAGGER_URL}/swagger-ui-bundle.js",
+                swagger_css_url=f"{SWAGGER_URL}/swagger-ui.css",
+                swagger_favicon_url=f"{SWAGGER_URL}/favicon-32x32.png",
+            )
+        return HTMLResponse(endpoint_list(app.openapi(), app.title))
+
+
+def endpoint_list(spec: dict[str, Any], title: str) -> str:
+    """A page naming each endpoint and what it does, with no script (the fallback /docs)."""
+    rows = []
+    for path, operations in spec.get("paths", {}).items():
+        for method, operation in operations.items():
+            summary = operation.get("summary") or ""
+            description = (operation.get("description") or "").strip()
+            rows.append(
+                f"<dt><code>{escape(method.upper())} {escape(path)}</code></dt>"
+                f"<dd><b>{escape(summary)}</b> {escape(description)}</dd>"
+            )
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{escape(title)} - API</title>"
+        f"</head><body><h1>{escape(title)}: API</h1><p>The machine-readable description is "
+        f'<a href="/openapi.json">/openapi.json</a>; the interactive Swagger UI is served '
+        f"once <code>npm ci</code> has installed it.</p><dl>{''.join(rows)}</dl></body></html>"
+    )
+
+
 # -- the app -----------------------------------------------------------------------------
 
 
@@ -138,6 +193,11 @@ def create_app(settings: ServerConfig | None = None) -> FastAPI:
         title="Gaussian Splatting Training Server",
         version=VERSION,
         lifespan=lifespan,
+        # Served below, from this machine and behind the token: the defaults load Swagger
+        # UI from a CDN, which an offline server cannot reach.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
         description="Upload a video; it becomes a COLMAP dataset and a 3D Gaussian Splatting "
         "model you can download.",
     )
@@ -169,6 +229,7 @@ def create_app(settings: ServerConfig | None = None) -> FastAPI:
             return PlainTextResponse("The web page is not installed (static/index.html).", 404)
         return FileResponse(page, headers={"Cache-Control": "no-cache"})
 
+    install_docs(app)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # The page's 3D viewers, from `npm ci` (package.json); the page says so when missing.
@@ -176,6 +237,7 @@ def create_app(settings: ServerConfig | None = None) -> FastAPI:
         "/vendor/three/build": "three/build",
         "/vendor/three/addons": "three/examples/jsm",
         "/vendor/spark": "@sparkjsdev/spark/dist",
+        SWAGGER_URL: "swagger-ui-dist",
     }
     for url, folder in vendor.items():
         if (HERE / "node_modules" / folder).is_dir():
