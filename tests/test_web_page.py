@@ -549,3 +549,53 @@ def test_phone_dark_theme_keyboard_and_training_on_request(start_server, monkeyp
     shot(bare, "15-viewer-not-installed", bare.locator("#detail"))
     bare.get_by_role("tab", name="Frames").click()
     expect(bare.locator("#panel-frames img")).to_have_count(12)
+
+
+# -- the splat view loads the small SPZ; the quality in words (issues 12 and 13) -----------
+
+
+def test_splat_view_loads_the_spz_and_says_how_good_the_model_is(
+    start_server, monkeypatch, open_page
+):
+    need_viewer()
+    monkeypatch.setenv("FAKE_PIPELINE_SECONDS", "0.3")
+    monkeypatch.setenv("FAKE_TRAINER_STEP_SECONDS", "0.005")
+    server = start_server()
+    task_id = api_upload(server)
+    with server.client() as client:
+        task = wait_status(client, task_id, "training_completed", timeout=90)
+        training = client.get(f"/tasks/{task_id}").json()["metadata"]["training"]
+        assert training.get("spz_path"), f"no SPZ was written: {training.get('spz_error')}"
+        assert client.get(f"/download/{task_id}/spz").status_code == 200
+    assert task["results"]["model"] is True
+
+    page = open_page(server, f"/#task={task_id}", width=1100, height=820)
+    downloads: list[str] = []
+    page.on("request", lambda r: downloads.append(r.url) if "/download/" in r.url else None)
+    page.reload()
+    model = page.locator("#panel-model")
+    expect_rendered(model)
+    viewer = model.locator(".viewer")
+    expect(viewer).to_have_attribute("data-file", "spz")
+    expect(model.locator(".viewer-legend")).to_contain_text(re.compile(r"Gaussians · .* \.spz"))
+    assert any(u.endswith(f"/download/{task_id}/spz") for u in downloads), downloads
+    assert not any(u.endswith(f"/download/{task_id}/ply") for u in downloads), downloads
+    shot(page, "16-spz-model", page.locator("#detail"))
+
+    # The .ply stays downloadable, the .spz too.
+    ply = page.get_by_role("link", name="Download .ply")
+    assert page.request.get(ply.get_attribute("href")).body().startswith(b"ply\n")
+    spz = page.get_by_role("link", name="Download .spz")
+    assert spz.get_attribute("href").split("?")[0].endswith(f"/download/{task_id}/spz")
+
+    # The quality in words, and the training resolution without "1/null".
+    summary = page.locator(".summary")
+    quality = training.get("quality")
+    if quality and quality.get("psnr") is not None:
+        expect(summary).to_contain_text(f"{quality['psnr']:.1f} dB PSNR")
+        if quality["split"] == "held_out":
+            expect(summary).to_contain_text("frames the model never saw")
+        else:
+            expect(summary).to_contain_text("so it overstates quality")
+    page.locator(".more-facts summary").click()
+    expect(page.locator(".facts")).not_to_contain_text("1/null")
