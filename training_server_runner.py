@@ -63,6 +63,7 @@ class Runner:
         self._running: dict[str, _Running] = {}
         self._pending_stop: dict[str, tuple[EndReason, str]] = {}
         self.progress = ProgressWriter(db, records.publish)
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -137,6 +138,7 @@ class Runner:
                 log=task_log,
                 report_progress=lambda fields: self._report_progress(task_id, fields),
                 record_ref=lambda ref: self._record_ref(task_id, ref),
+                record_metadata=lambda extra: self._record_metadata(row, extra),
                 executor=self.executor,
                 stage=stage,
                 attempt=row["attempts"],
@@ -251,6 +253,27 @@ class Runner:
                 continue
             await self.records.publish(ended)
             return
+
+    def _record_metadata(self, row: Row, extra: dict[str, Any]) -> None:
+        """Merge `extra` into the running task's metadata (e.g. a new training preview) and
+        publish it; written in the background, dropped once the run has ended."""
+        row["metadata"] = {**(row["metadata"] or {}), **extra}
+        write = asyncio.get_running_loop().create_task(self._write_metadata(row))
+        self._background.add(write)
+        write.add_done_callback(self._background.discard)
+
+    async def _write_metadata(self, row: Row) -> None:
+        try:
+            written = await self.db.update_fields(
+                row["id"],
+                {"metadata": row["metadata"], "updated_at": state.now_iso()},
+                only_if_status=[s.value for s in state.RUNNING],
+            )
+        except Exception:
+            log.exception("could not record the metadata of task %s", row["id"])
+            return
+        if written is not None:
+            await self.records.publish(written)
 
     async def _record_ref(self, task_id: str, ref: dict[str, Any]) -> None:
         await self.db.update_fields(

@@ -60,6 +60,7 @@ class StageContext:
     log: TaskLog
     report_progress: Callable[[dict[str, Any]], None]
     record_ref: Callable[[dict[str, Any]], Awaitable[None]]
+    record_metadata: Callable[[dict[str, Any]], None]  # merged into the task's metadata
     executor: Executor
     stage: Stage
     attempt: int
@@ -437,7 +438,11 @@ async def train(ctx: StageContext) -> StageResult:
 
         timeout_s = settings.training_timeout
         previews = exports.PreviewWatcher(
-            output_dir, ctx.paths.task_dir(ctx.task_id), iterations, ctx.log
+            output_dir,
+            ctx.paths.task_dir(ctx.task_id),
+            iterations,
+            ctx.log,
+            on_preview=lambda info: ctx.record_metadata({"training_preview": info}),
         )
         previews.start()
         try:
