@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,15 +31,23 @@ from fastapi.responses import (
     Response,
 )
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
 import training_server_state as state
 from training_server_db import Database, DatabaseDamagedError, TaskNotFoundError, check_integrity
-from training_server_deps import require_token
+from training_server_deps import (
+    SESSION_COOKIE,
+    ForbiddenError,
+    require_token,
+    same_origin,
+    session_value,
+    token_matches,
+)
 from training_server_exports import router as exports_router
 from training_server_limits import DiskReservations, UploadLimits, guarded_h11
-from training_server_models import HERE, VERSION, ApiError, ServerConfig
+from training_server_models import HERE, VERSION, ApiError, ServerConfig, UnauthorizedError
 from training_server_results import router as results_router
 from training_server_routes import router as task_router
 from training_server_tasks import TaskManager
@@ -109,6 +119,68 @@ def allowed_methods(request: Request) -> list[str]:
             if not isinstance(route, Mount)  # static files: they answer GET alone
         )
     ]
+
+
+# -- the page's session ----------------------------------------------------------------------
+
+ACCESS_LOG_CREDENTIALS = re.compile(r"(?i)([?&](?:token|access_token|api_token)=)[^&\s\"]*")
+
+
+class RedactCredentials(logging.Filter):
+    """Rewrites `token=...` in access-log lines: a URL with a token (from an old page or a
+    hand-made link, refused now) must not put it in the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                ACCESS_LOG_CREDENTIALS.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                for a in record.args
+            )
+        if isinstance(record.msg, str):
+            record.msg = ACCESS_LOG_CREDENTIALS.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+class Login(BaseModel):
+    """POST /login: the API token, once; the answer sets the session cookie."""
+
+    token: str = ""
+
+
+def install_session(app: FastAPI) -> None:
+    """POST /login checks the token and sets a session cookie (HttpOnly, SameSite=Strict,
+    Secure over https) that EventSource, images and download links send by themselves;
+    POST /logout removes it. Scripts keep sending `Authorization: Bearer`."""
+
+    @app.post("/login", status_code=204, include_in_schema=False)
+    async def login(request: Request, body: Login | None = None) -> Response:
+        settings: ServerConfig = app.state.settings
+        answer = Response(status_code=204)
+        if settings.api_token is None:
+            return answer
+        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+        supplied = (body.token if body else "") or (bearer if scheme.lower() == "bearer" else "")
+        if not same_origin(request):
+            raise ForbiddenError("Log in from this server's own page.")
+        if not token_matches(settings, supplied):
+            raise UnauthorizedError(
+                "This token was refused.", headers={"WWW-Authenticate": "Bearer"}
+            )
+        answer.set_cookie(
+            SESSION_COOKIE,
+            session_value(settings),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+        return answer
+
+    @app.post("/logout", status_code=204, include_in_schema=False)
+    async def logout() -> Response:
+        answer = Response(status_code=204)
+        answer.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        return answer
 
 
 # -- the API docs, offline ------------------------------------------------------------------
@@ -229,6 +301,7 @@ def create_app(settings: ServerConfig | None = None) -> FastAPI:
             return PlainTextResponse("The web page is not installed (static/index.html).", 404)
         return FileResponse(page, headers={"Cache-Control": "no-cache"})
 
+    install_session(app)
     install_docs(app)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -269,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v}
     settings = ServerConfig(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -280,6 +353,12 @@ def main(argv: list[str] | None = None) -> None:
         http=guarded_h11(settings.header_timeout),
         h11_max_incomplete_event_size=settings.max_header_bytes,
     )
+    # After uvicorn.Config, which sets up uvicorn's loggers.
+    logging.getLogger("uvicorn.access").addFilter(RedactCredentials())
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run does when start-up fails
 
 
 if __name__ == "__main__":

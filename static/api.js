@@ -1,9 +1,12 @@
 // The server's public API, as curl uses it: JSON over fetch, the upload over XMLHttpRequest
 // (fetch cannot report upload progress), Server-Sent Events by URL. The API token, when the
-// server wants one, is kept in localStorage and sent with every request.
+// server wants one, is kept in localStorage and sent as `Authorization: Bearer` with every
+// request; POST /login trades it for an HttpOnly session cookie that EventSource, images and
+// download links send by themselves, so the token never appears in a URL (nor in a log).
 
 const TOKEN_KEY = "gs-training-server:token";
 let memoryToken = "";
+let session = null; // the pending or done POST /login for the saved token
 
 /** The folder the page was served from: every API path is resolved against it, so the page
  * also works behind a reverse proxy that serves the server under a sub-path. */
@@ -27,6 +30,8 @@ export function getToken() {
 }
 
 export function setToken(token) {
+  if (!token && getToken()) logout();
+  session = null;
   memoryToken = token || "";
   try {
     if (token) localStorage.setItem(TOKEN_KEY, token);
@@ -36,20 +41,63 @@ export function setToken(token) {
   }
 }
 
+/** POST /login with `token`: the server checks it and sets the session cookie. Rejects with
+ * an ApiError (401 when the token is refused). */
+export async function login(token) {
+  let response;
+  try {
+    response = await fetch(url("login"), {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ token }),
+      credentials: "same-origin",
+      cache: "no-store",
+    });
+  } catch {
+    throw new ApiError(0, "The server cannot be reached. Is it running?");
+  }
+  if (!response.ok) throw new ApiError(response.status, await detailOf(response));
+}
+
+/** Check `token` with the server (POST /login, which sets the cookie), then keep it. */
+export async function saveToken(token) {
+  await login(token);
+  setToken(token);
+  session = Promise.resolve();
+}
+
+function logout() {
+  // keepalive: the page may reload right after (the Forget button).
+  fetch(url("logout"), { method: "POST", credentials: "same-origin", keepalive: true }).catch(
+    () => {},
+  );
+}
+
+/** The session cookie for the saved token, once per page: the first request waits for it. */
+function ensureSession() {
+  const token = getToken();
+  if (!token) return Promise.resolve();
+  if (!session) {
+    session = login(token).catch(() => {
+      session = null; // refused or unreachable: the request itself will say so
+    });
+  }
+  return session;
+}
+
 /** Called with the refused request's detail whenever the server answers 401. */
 export const hooks = { unauthorized: (_detail) => {} };
 
-/** An absolute URL for an API path; `withToken` adds `?token=` for EventSource, <img> and
- * download links, which cannot send an Authorization header. */
-export function url(path, params = {}, { withToken = false } = {}) {
+/** An absolute URL for an API path. `withToken` is kept for the callers that mark URLs
+ * used by EventSource, <img> and download links: those carry the session cookie, never the
+ * token (a token in a URL lands in access logs, history and Referer headers). */
+export function url(path, params = {}, { withToken: _cookieAuth = false } = {}) {
   const target = new URL(String(path).replace(/^\/+/, ""), base);
   for (const [key, value] of Object.entries(params)) {
     if (value !== undefined && value !== null && value !== "") {
       target.searchParams.set(key, String(value));
     }
   }
-  const token = getToken();
-  if (withToken && token) target.searchParams.set("token", token);
   return target.toString();
 }
 
@@ -69,6 +117,7 @@ async function detailOf(response) {
 
 /** One request; resolves with the parsed JSON (or text), rejects with an ApiError. */
 export async function request(method, path, { params, json, signal } = {}) {
+  await ensureSession();
   const headers = { Accept: "application/json" };
   const token = getToken();
   if (token) headers.Authorization = `Bearer ${token}`;
@@ -154,6 +203,7 @@ export function upload(file, params, { onProgress, onSent } = {}) {
 
 /** The bytes of a (large) file, with `onProgress(loaded, total)` as they arrive. */
 export async function getBytes(path, { onProgress, signal } = {}) {
+  await ensureSession();
   const headers = {};
   const token = getToken();
   if (token) headers.Authorization = `Bearer ${token}`;

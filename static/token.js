@@ -43,8 +43,8 @@ export function mountToken(doc, ctx) {
       input.focus();
       return;
     }
-    api.setToken(value);
     try {
+      await api.saveToken(value); // POST /login: checks it and sets the session cookie
       await ctx.loadHealth();
     } catch (failure) {
       if (failure.status === 401) {
@@ -52,6 +52,11 @@ export function mountToken(doc, ctx) {
         setText(error, "This token was refused. Check it and try again.");
         show(error, true);
         input.select();
+        return;
+      }
+      if (failure.status === 403) {
+        setText(error, failure.detail || "The server refused to log in.");
+        show(error, true);
         return;
       }
     }
@@ -68,7 +73,7 @@ export function mountToken(doc, ctx) {
   button.addEventListener("click", () => {
     setText(
       $("#token-reason", doc),
-      "The token is kept in this browser and sent with every request.",
+      "The token is kept in this browser and sent with every request (never in a URL).",
     );
     show(forget, Boolean(api.getToken()));
     show(error, false);
