@@ -390,7 +390,7 @@ async def probe_video(settings: ServerConfig, path: Path) -> dict[str, Any]:
             "pipeline.probe",
             "--timeout",
             str(settings.probe_timeout),
-            str(path.resolve()),
+            str(path),  # absolute: the task folders are under the resolved temp_dir
         ],
         cwd=HERE,  # where the pipeline package is
         timeout_s=settings.probe_timeout,
