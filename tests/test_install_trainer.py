@@ -498,6 +498,9 @@ def copy_project(dest: Path, world: World) -> Path:
     for name in ("serve.sh", "requirements.txt"):
         shutil.copy2(REPO / name, dest / name)
     shutil.copytree(REPO / "static", dest / "static")
+    shutil.copytree(
+        REPO / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy2(world.requirements, dest / "requirements-trainer.txt")
     venv_bin = dest / ".venv" / "bin"
     venv_bin.mkdir(parents=True)

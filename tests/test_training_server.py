@@ -577,7 +577,8 @@ def test_token_is_required_on_every_api_route(start_server):
                     assert response.json()["detail"].startswith("A valid API token is required")
             # The page stays reachable so it can ask for the token.
             assert anonymous.get("/").status_code in {200, 404}
-            assert anonymous.get("/health", params={"token": "s3cret-token"}).status_code == 200
+            # A token in the URL is refused (it would land in access logs and browser history).
+            assert anonymous.get("/health", params={"token": "s3cret-token"}).status_code == 401
         assert client.get(f"/status/{task_id}").status_code == 200
         health = client.get("/health").json()
         assert health["auth_required"] is True
