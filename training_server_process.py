@@ -101,20 +101,7 @@ TASK_MARKER = "TRAINING_SERVER_TASK_ID"
 def processes_marked(task_id: str) -> list[int]:
     """Pids of live processes whose environment carries this task's marker (every stage
     process and its descendants inherit it)."""
-    needle = f"{TASK_MARKER}={task_id}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = Path(entry.path, "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0"):
-            stat = _read_stat(int(entry.name))
-            if stat and stat[0] != "Z":
-                found.append(int(entry.name))
-    return found
+    return marked_processes().get(task_id, [])
 
 
 def marked_processes() -> dict[str, list[int]]:
