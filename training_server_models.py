@@ -120,6 +120,10 @@ class ServerConfig(BaseSettings):
     # Uploads held at once (503 + Retry-After beyond), and how long one may send nothing.
     max_concurrent_uploads: int = Field(8, ge=1, le=1024)
     upload_idle_timeout: float = Field(60, gt=0, description="seconds without a byte")
+    # Resumable (tus) uploads not finished this long after their last byte are removed, and
+    # Idempotency-Key answers are replayed for this long.
+    resumable_upload_expiry: float = Field(86400, gt=0, description="seconds after last byte")
+    idempotency_ttl: float = Field(86400, gt=0, description="seconds a key is remembered")
     # The request line and headers: at most this many bytes, within this many seconds.
     max_header_bytes: int = Field(64 * 1024, ge=4096, le=16 * MIB)
     header_timeout: float = Field(15, gt=0, description="seconds to send the headers")
