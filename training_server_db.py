@@ -54,6 +54,19 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN run_ref TEXT;
     """,
+    # Idempotency-Key answers (training_server_idempotency): the request's fingerprint and
+    # the first answer, replayed for the same key and request until created_at + TTL.
+    """
+    CREATE TABLE idempotency_keys (
+        key TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
