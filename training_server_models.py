@@ -162,6 +162,20 @@ class ServerConfig(BaseSettings):
     trainer_hold_out: bool = DEFAULT_HOLD_OUT
     trainer_eval_step: int = Field(DEFAULT_EVAL_STEP, ge=2, le=1000)
 
+    # Signed webhooks (training_server_webhooks): URLs every task event goes to; the secret
+    # they are signed with (Standard Webhooks: "whsec_" + base64, or any other string used
+    # as the key's bytes); hosts a per-task webhook_url may name (and the only ones that may
+    # be link-local or metadata addresses); attempts, backoff and timeout of a delivery.
+    webhook_urls: list[str] = Field(default_factory=list)
+    webhook_secret: SecretStr | None = None
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    webhook_max_attempts: int = Field(8, ge=1, le=100)
+    webhook_retry_base: float = Field(5, gt=0, description="seconds before the first retry")
+    webhook_retry_max: float = Field(3600, gt=0, description="longest pause between attempts")
+    webhook_timeout: float = Field(10, gt=0, description="seconds per delivery attempt")
+    # GET /metrics without the API token (for a Prometheus that cannot send one).
+    metrics_public: bool = False
+
 
 class TrainingOptions(BaseModel):
     """Per-task options for the training stage."""
@@ -194,6 +208,8 @@ class UploadParams(TrainingOptions):
     max_frames: int | None = Field(None, ge=FRAMES_MIN, le=FRAMES_MAX)
     min_frames: int | None = Field(None, ge=FRAMES_MIN, le=FRAMES_MAX)
     auto_training: bool = True
+    # Where this task's events are sent as well (its host must be in webhook_allowed_hosts).
+    webhook_url: str | None = Field(None, max_length=2048)
 
     @model_validator(mode="after")
     def _frames_in_order(self) -> UploadParams:
@@ -218,6 +234,7 @@ class TaskParams(BaseModel):
     hold_out: bool | None = None  # None: the server's trainer_hold_out
     keep_checkpoint: bool = False
     spz_sh_degree: int | None = None  # SH degree of model.spz; None: all the .ply has
+    webhook_url: str | None = None  # this task's own webhook receiver, if any
 
 
 class Progress(BaseModel):
@@ -241,6 +258,20 @@ class TaskResults(BaseModel):
 
     dataset: bool = False  # the COLMAP dataset (GET /download/{id} before training ends)
     model: bool = False  # the trained model (GET /download/{id}, /download/{id}/ply)
+
+
+class WebhookDelivery(BaseModel):
+    """One webhook delivery of a task's event and how its attempts went."""
+
+    id: str  # the webhook-id header: the same on every attempt
+    event: str  # task.preprocessing_completed, task.succeeded, task.failed, task.cancelled
+    url: str  # scheme, host and path (a query, which may hold a secret, is not shown)
+    state: Literal["pending", "delivered", "failed"]  # failed: gave up at the bound
+    attempts: int
+    last_attempt_at: Timestamp | None = None
+    last_status: int | None = None  # the receiver's HTTP status code
+    last_error: str | None = None
+    next_attempt_at: Timestamp | None = None
 
 
 class TaskPublic(BaseModel):
@@ -269,6 +300,7 @@ class TaskPublic(BaseModel):
     allowed_actions: list[Literal["cancel", "retry", "train", "delete"]] = []
     results: TaskResults = Field(default_factory=lambda: TaskResults())
     active: bool = False  # it runs or waits in a queue: its log may still grow
+    webhooks: list[WebhookDelivery] | None = None  # None: no webhooks configured
 
 
 class TaskList(BaseModel):
