@@ -67,6 +67,31 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
     """,
+    # Webhook deliveries (training_server_webhooks): one row per event and receiver, its
+    # attempts and when the next is due, so retries survive restarts. `occurrence` tells
+    # one happening of an event from a repeat of the same task's (a retried task fails
+    # again); the unique key keeps a republished row from being sent twice.
+    """
+    CREATE TABLE webhook_deliveries (
+        id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        occurrence TEXT NOT NULL,
+        url TEXT NOT NULL,
+        per_task INTEGER NOT NULL DEFAULT 0,
+        payload TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        last_attempt_at TEXT,
+        last_status INTEGER,
+        last_error TEXT,
+        UNIQUE (task_id, event, occurrence, url)
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+        WHERE state = 'pending';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
