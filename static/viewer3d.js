@@ -4,6 +4,7 @@
 // they say so and the rest of the page works as before.
 
 import * as api from "./api.js";
+import { drawnSparse } from "./scene-frame.js";
 
 export class ViewerUnavailable extends Error {}
 
@@ -115,7 +116,8 @@ class Stage {
     this.renderer.render(this.scene, this.camera);
     this.frames -= 1;
     this.host.dataset.rendered = String((Number(this.host.dataset.rendered) || 0) + 1);
-    if (moving || this.frames > 0) this.invalidate(0);
+    const waiting = this.afterRender?.() === false; // e.g. the splats are not sorted yet
+    if (moving || this.frames > 0 || waiting) this.invalidate(0);
   }
 
   /** Look at `target` from `position` with `up`; remembered for resetView(). */
@@ -198,8 +200,17 @@ export class SparseView extends Stage {
     super(host, three, "Sparse point cloud and camera positions; drag to turn, scroll to zoom");
   }
 
-  show(sparse) {
+  /** Draw the /sparse payload: in the scene's upright frame when it has `scene` (+Y up, the
+   * first camera looking along -Z), else in COLMAP's frame with the cameras' mean up. The
+   * host says which (`data-frame`) and where the drawn camera centres are
+   * (`data-camera-path`, JSON [[x, y, z], ...] in the view's world frame, +Y up when upright). */
+  show(payload) {
     const { THREE } = this;
+    const sparse = drawnSparse(payload);
+    this.host.dataset.frame = sparse.frame;
+    this.host.dataset.cameraPath = JSON.stringify(
+      sparse.cameras.map((camera) => camera.center.map((v) => Number(v.toFixed(5)))),
+    );
     const points = new THREE.BufferGeometry();
     points.setAttribute(
       "position",
@@ -303,6 +314,24 @@ export class SplatView extends Stage {
     this.scene.add(this.sparkRenderer);
     this.mesh = null;
     this.type = null; // "ply" or "spz": the frame the camera was set up for
+    this.drawnMark = null; // the performance mark to set once the new splats are drawn
+    this.afterRender = () => this.markDrawn();
+  }
+
+  /** After a frame: once Spark draws splats of the new mesh (its sort finished), set the
+   * "splats-drawn" performance mark (and data-drawn on the host); false while waiting. */
+  markDrawn() {
+    const pending = this.drawnMark;
+    if (!pending) return true;
+    if (!(this.sparkRenderer.activeSplats > 0)) {
+      if (performance.now() - pending.since < 30_000) return false;
+      this.drawnMark = null; // nothing drawn after 30 s: stop waiting
+      return true;
+    }
+    this.drawnMark = null;
+    performance.mark("splats-drawn", { detail: pending.detail });
+    this.host.dataset.drawn = String((Number(this.host.dataset.drawn) || 0) + 1);
+    return true;
   }
 
   /**
@@ -316,6 +345,7 @@ export class SplatView extends Stage {
   async show(bytes, { type = "ply", sparse = null, keepView = false } = {}) {
     const { THREE, spark } = this;
     const spz = type === "spz";
+    performance.mark("splats-bytes", { detail: { type, bytes: bytes.length } });
     const mesh = new spark.SplatMesh({
       fileBytes: bytes,
       fileType: spz ? spark.SplatFileType.SPZ : spark.SplatFileType.PLY,
@@ -326,6 +356,9 @@ export class SplatView extends Stage {
       mesh.dispose?.(); // closed while loading
       return 0;
     }
+    const count = mesh.packedSplats?.numSplats ?? 0;
+    performance.mark("splats-decoded", { detail: { type, count } });
+    this.drawnMark = { since: performance.now(), detail: { type, count, bytes: bytes.length } };
     const old = this.mesh;
     const sameFrame = old && this.type === type;
     this.mesh = mesh;
@@ -340,7 +373,7 @@ export class SplatView extends Stage {
       this.look(position, frame.center, frame.up, frame.size);
     }
     this.invalidate(4);
-    return mesh.packedSplats?.numSplats ?? 0;
+    return count;
   }
 
   dispose() {

@@ -5,9 +5,12 @@ Screenshots of the main states go to test-artifacts/web/ (ignored by git)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -599,3 +602,149 @@ def test_splat_view_loads_the_spz_and_says_how_good_the_model_is(
             expect(summary).to_contain_text("so it overstates quality")
     page.locator(".more-facts summary").click()
     expect(page.locator(".facts")).not_to_contain_text("1/null")
+
+
+# -- the scene stands upright; previews mid-training (issue 13) -----------------------------
+
+
+def tilt_sparse_model(sparse: Path, tilt: float) -> None:
+    """Turn the stand-in's COLMAP model (cameras on a level circle in the x-z plane) about the
+    x axis by `tilt` radians, as a capture whose world frame came out tilted: the camera path
+    is then a tilted circle in COLMAP's coordinates, and only the scene's upright frame (which
+    the server computes from the model) puts it level again."""
+    q = np.array(
+        [[1, 0, 0], [0, math.cos(tilt), -math.sin(tilt)], [0, math.sin(tilt), math.cos(tilt)]]
+    )
+    qw, qx = math.cos(tilt / 2), math.sin(tilt / 2)  # the quaternion of q
+
+    def times(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, ...]:
+        aw, ax, ay, az = a
+        bw, bx, by, bz = b
+        return (
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        )
+
+    data = (sparse / "images.bin").read_bytes()
+    (count,) = struct.unpack_from("<Q", data)
+    out, at = [struct.pack("<Q", count)], 8
+    for _ in range(count):
+        image_id, *rest = struct.unpack_from("<i4d3di", data, at)
+        rotation, translation, camera_id = rest[:4], rest[4:7], rest[7]
+        at += struct.calcsize("<i4d3di")
+        end = data.index(b"\0", at) + 1
+        name = data[at:end]
+        (points2d,) = struct.unpack_from("<Q", data, end)
+        assert points2d == 0
+        at = end + 8
+        # World-to-camera R' = R qᵀ: the world turned by q, the cameras with it.
+        turned = times(tuple(rotation), (qw, -qx, 0.0, 0.0))
+        out.append(struct.pack("<i4d3di", image_id, *turned, *translation, camera_id))
+        out.append(name + struct.pack("<Q", 0))
+    (sparse / "images.bin").write_bytes(b"".join(out))
+
+    data = (sparse / "points3D.bin").read_bytes()
+    (count,) = struct.unpack_from("<Q", data)
+    out, at = [struct.pack("<Q", count)], 8
+    for _ in range(count):
+        point_id, x, y, z, r, g, b, error, track = struct.unpack_from("<Q3d3BdQ", data, at)
+        at += struct.calcsize("<Q3d3BdQ")
+        rest = data[at : at + 8 * track]
+        at += 8 * track
+        moved = q @ np.array([x, y, z])
+        out.append(struct.pack("<Q3d3BdQ", point_id, *moved, r, g, b, error, track) + rest)
+    (sparse / "points3D.bin").write_bytes(b"".join(out))
+
+
+def test_the_camera_path_opens_level_in_the_upright_frame(
+    start_server, monkeypatch, open_page, tmp_path
+):
+    need_viewer()
+    monkeypatch.setenv("FAKE_PIPELINE_SECONDS", "0.3")
+    server = start_server()
+    task_id = api_upload(server, start_training="false")
+    with server.client() as client:
+        wait_status(client, task_id, "preprocessing_completed", timeout=30)
+    sparse_dir = tmp_path / "temp_workspace" / task_id / "images_undistorted" / "sparse" / "0"
+    tilt_sparse_model(sparse_dir, 0.5)
+    with server.client() as client:
+        body = client.get(f"/tasks/{task_id}/sparse").json()
+    assert body["scene"] is not None
+    raw = np.array([camera["center"] for camera in body["cameras"]])
+    # In COLMAP's coordinates the path climbs: the y spread is a good part of its width.
+    assert np.ptp(raw[:, 1]) > 0.4 * np.ptp(raw[:, 0])
+
+    page = open_page(server, f"/#task={task_id}", width=1100, height=820)
+    expect(page.get_by_role("tab", name="Cameras and points")).to_have_attribute(
+        "aria-selected", "true"
+    )
+    panel = page.locator("#panel-sparse")
+    expect_rendered(panel)
+    viewer = panel.locator(".viewer")
+    expect(viewer).to_have_attribute("data-frame", "upright")
+    path = np.array(json.loads(viewer.get_attribute("data-camera-path")))
+    assert path.shape == (len(body["cameras"]), 3)
+    rise = np.ptp(path[:, 1])
+    extent = max(np.ptp(path[:, 0]), np.ptp(path[:, 2]))
+    assert extent > 0.5, f"the camera path is not spread out: {path}"
+    assert rise < 0.02 * extent, f"the camera path is not level: rise {rise}, width {extent}"
+    shot(page, "17-cameras-upright", viewer)
+
+    # Without a scene (an older server), the page draws what it gets, as before.
+    def no_scene(route):
+        answer = route.fetch()
+        data = answer.json()
+        data["scene"] = None
+        route.fulfill(response=answer, json=data)
+
+    old = open_page(server, f"/#task={task_id}", width=1100, height=820, wait_ready=False)
+    old.route(f"**/tasks/{task_id}/sparse", no_scene)
+    old.reload()
+    old_viewer = old.locator("#panel-sparse .viewer")
+    expect_rendered(old.locator("#panel-sparse"))
+    expect(old_viewer).to_have_attribute("data-frame", "colmap")
+    drawn = np.array(json.loads(old_viewer.get_attribute("data-camera-path")))
+    assert drawn == pytest.approx(raw, abs=1e-3)
+
+
+def test_the_training_preview_shows_while_the_task_trains(start_server, monkeypatch, open_page):
+    need_viewer()
+    monkeypatch.setenv("FAKE_PIPELINE_SECONDS", "0.3")
+    monkeypatch.setenv("FAKE_TRAINER_STEP_SECONDS", "0.015")
+    server = start_server(trainer_iterations=3000, trainer_checkpoint_every=500)
+    task_id = api_upload(server)
+    with server.client() as client:
+        task = wait_for_preview(client, task_id)
+    assert task["status"] == "training"
+
+    page = open_page(server, f"/#task={task_id}", width=1100, height=820)
+    expect(page.get_by_role("tab", name="3D model")).to_have_attribute("aria-selected", "true")
+    model = page.locator("#panel-model")
+    legend = model.locator(".viewer-legend")
+    expect(legend).to_contain_text(re.compile(r"Preview at step [\d,]+ of 3,000"), timeout=30_000)
+    expect_rendered(model)
+    expect(model.locator(".viewer")).to_have_attribute("data-preview", re.compile(r".+"))
+    shot(page, "18-training-preview", page.locator("#detail"))
+    with server.client() as client:
+        status = client.get(f"/tasks/{task_id}").json()["status"]
+    assert status == "training", "the preview was only seen after training ended"
+
+
+def wait_for_preview(client, task_id: str, timeout: float = 60) -> dict:
+    """The task once the server recorded its first training preview."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = client.get(f"/tasks/{task_id}").json()
+        if (task.get("metadata") or {}).get("training_preview"):
+            return task
+        if task["status"] not in {
+            "pending",
+            "preprocessing",
+            "preprocessing_completed",
+            "training",
+        }:
+            pytest.fail(f"the task ended as {task['status']} without a preview")
+        time.sleep(0.2)
+    pytest.fail("no training preview within a minute")
