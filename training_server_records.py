@@ -6,10 +6,11 @@ changing it). No status is changed here: that is training_server_state's job.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from training_server_db import Database, TaskNotFoundError
-from training_server_models import NotFoundError, TaskPublic, TaskStatus
+from training_server_models import NotFoundError, TaskPublic, TaskStatus, WebhookDelivery
 from training_server_views import EventBus, StatusCache, task_public
 
 Row = dict[str, Any]
@@ -30,11 +31,21 @@ class Records:
         except TaskNotFoundError:
             raise NotFoundError(f"No task with id {task_id}.") from None
 
+    # Set by the webhook service when webhooks are on: the task's deliveries (one indexed
+    # query) for the `webhooks` field; without it no query is made and the field is None.
+    webhook_reader: Callable[[str], Awaitable[list[WebhookDelivery]]] | None = None
+    webhook_reader_many: (
+        Callable[[list[str]], Awaitable[dict[str, list[WebhookDelivery]]]] | None
+    ) = None
+
     async def view(self, row: Row) -> TaskPublic:
         """The public task for a row in hand (one more query only when it waits in a queue,
-        for its place)."""
+        for its place, and one when webhooks are on, for its deliveries)."""
         position = await self.db.queue_position(row["id"]) if row["queued_for"] else None
-        return task_public(row, position)
+        task = task_public(row, position)
+        if self.webhook_reader is not None:
+            task.webhooks = await self.webhook_reader(row["id"])
+        return task
 
     async def public(self, task_id: str) -> TaskPublic:
         """The task as the API shows it; NotFoundError when absent."""
@@ -58,7 +69,12 @@ class Records:
         """A page of tasks, newest first, and the total that match."""
         rows, total = await self.db.list_tasks([s.value for s in statuses], limit, offset)
         positions = await self.db.queue_positions() if any(r["queued_for"] for r in rows) else {}
-        return [task_public(r, positions.get(r["id"])) for r in rows], total
+        tasks = [task_public(r, positions.get(r["id"])) for r in rows]
+        if self.webhook_reader_many is not None and tasks:
+            deliveries = await self.webhook_reader_many([t.task_id for t in tasks])
+            for task in tasks:
+                task.webhooks = deliveries.get(task.task_id, [])
+        return tasks, total
 
     async def publish(self, row: Row) -> TaskPublic:
         """Tell the cache and the event stream about a row a write just returned."""
