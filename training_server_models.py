@@ -129,6 +129,14 @@ class ServerConfig(BaseSettings):
     header_timeout: float = Field(15, gt=0, description="seconds to send the headers")
     preprocess_slots: int = Field(1, ge=1, le=64)
     training_slots: int = Field(1, ge=1, le=16)
+    # Where stages run: "local" (process groups here, the slot counts above) or "ray" (Ray
+    # Jobs on the cluster at ray_address, as many at once as its free resources allow).
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str = "http://127.0.0.1:8265"  # the cluster's Jobs (dashboard) address
+    ray_training_gpus: float = Field(1, ge=0, description="GPUs one training asks Ray for")
+    ray_training_cpus: float = Field(0, ge=0, description="CPUs one training asks Ray for")
+    ray_preprocess_cpus: float = Field(2, ge=0, description="CPUs one preprocessing asks for")
+    ray_max_attempts: int = Field(3, ge=1, le=100, description="runs of a stage lost to Ray")
     kill_grace: float = Field(10, ge=0, description="seconds between SIGTERM and SIGKILL")
     log_max_bytes: int = Field(20 * MIB, ge=64 * 1024, description="per task log")
     probe_timeout: float = Field(60, gt=0)
