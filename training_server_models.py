@@ -308,6 +308,7 @@ class TaskPublic(BaseModel):
     allowed_actions: list[Literal["cancel", "retry", "train", "delete"]] = []
     results: TaskResults = Field(default_factory=lambda: TaskResults())
     active: bool = False  # it runs or waits in a queue: its log may still grow
+    node: str | None = None  # with the Ray executor: the node its stage runs on (host (ip))
     webhooks: list[WebhookDelivery] | None = None  # None: no webhooks configured
 
 
@@ -364,6 +365,9 @@ class Health(BaseModel):
     preprocessing: CommandHealth
     training: CommandHealth
     auth_required: bool
+    # With the Ray executor: address, reachable, ray_version, nodes (id, ip, hostname, alive,
+    # GPUs and CPUs total and free), gpus_total, gpus_free, problem; None with the local one.
+    cluster: dict[str, Any] | None = None
 
 
 class ErrorBody(BaseModel):

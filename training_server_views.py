@@ -101,4 +101,5 @@ def task_public(row: dict[str, Any], position: int | None) -> TaskPublic:
         allowed_actions=state.allowed_actions(status, row["queued_for"], expired),
         results=TaskResults(**state.results(status, row.get("stage"), expired)),
         active=state.is_active(status, row["queued_for"]),
+        node=(row.get("run_ref") or {}).get("node") if row.get("run_ref") else None,
     )
