@@ -137,6 +137,9 @@ class ServerConfig(BaseSettings):
     ray_training_cpus: float = Field(0, ge=0, description="CPUs one training asks Ray for")
     ray_preprocess_cpus: float = Field(2, ge=0, description="CPUs one preprocessing asks for")
     ray_max_attempts: int = Field(3, ge=1, le=100, description="runs of a stage lost to Ray")
+    # Names of the server's environment variables handed to every Ray job (the nodes' own
+    # environment is used otherwise), e.g. ["WANDB_API_KEY"].
+    ray_pass_env: list[str] = Field(default_factory=list)
     kill_grace: float = Field(10, ge=0, description="seconds between SIGTERM and SIGKILL")
     log_max_bytes: int = Field(20 * MIB, ge=64 * 1024, description="per task log")
     probe_timeout: float = Field(60, gt=0)
