@@ -277,6 +277,38 @@ def quality_gate(
         )
 
 
+def parallax_check(frames_dir: Path, names: list[str]) -> Any:
+    """The parallax pre-check (pipeline.parallax) on the kept frames, in video order."""
+    from pipeline import parallax
+
+    return parallax.check_parallax([frames_dir / name for name in names])
+
+
+def parallax_gate(check: Any, kept: int) -> None:
+    """Refuse, before the reconstruction, a video whose camera stands still or only turns:
+    every measured stretch of the video says so (the message quotes the measurements)."""
+    measured = check.measured
+    if check.verdict not in ("static", "rotation"):
+        return
+    stretches = f"{len(measured)} of {len(check.segments)} stretches of the {kept} frames"
+    advice = "Walk slowly around a still, textured subject while filming, keeping it in view."
+    if check.verdict == "static":
+        moved = max(s.median_motion_px for s in measured)
+        raise GateError(
+            "static_camera",
+            f"The camera hardly moves: it stays in place (in {stretches} the picture moved by "
+            f"at most {moved:.1f} pixels), so depth cannot be measured. {advice}",
+        )
+    rotating = [s for s in measured if s.verdict == "rotation"]
+    worst = max(s.h_median_px for s in rotating)
+    raise GateError(
+        "rotation_only",
+        f"The camera hardly moves: it only turns on the spot (in {stretches} a single "
+        f"homography explains the motion to within {worst:.2f} pixels, better than any view "
+        f"with depth), so depth cannot be measured. {advice}",
+    )
+
+
 class StageClock:
     """Wall-clock and CPU seconds (all threads) spent in each stage."""
 
@@ -365,7 +397,12 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
             f"{args.min_registered} are needed. Record a longer, steadier video.",
         )
 
-    # 2. Camera tracking
+    # 2. A verdict in seconds: does the camera move through the scene at all?
+    parallax = parallax_check(frames_dir, names)  # about a second; timed in the summary
+    rep.log(parallax.describe())
+    parallax_gate(parallax, len(names))
+
+    # 3. Camera tracking
     n = len(names)
     required = max(args.min_registered, math.ceil(args.min_registered_fraction * n))
     db = colmap_dir / "database.db"
@@ -397,7 +434,7 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
         f"in {clock.wall['mapping']:.1f} s"
     )
 
-    # 3. Quality gate, with one retry on safer settings when the camera path jumps
+    # 4. Quality gate, with one retry on safer settings when the camera path jumps
     def judge(models: list[Any]) -> tuple[dict[str, Any], Any]:
         stats = sfm.model_stats(models[0]) if models else {"frames_registered": 0, "points3D": 0}
         quality_gate(args, stats, n, len(models), pair_stats)
@@ -438,7 +475,7 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
     if fraction < 0.9:
         warnings.append(f"only {stats['frames_registered']} of {n} frames registered")
 
-    # 4. Undistortion
+    # 5. Undistortion
     with clock("undistort"):
         if args.skip_undistortion:
             camera = sfm.copy_distorted(best_dir, frames_dir, dataset, names, progress("undistort"))
@@ -457,11 +494,11 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
             "PINHOLE / SIMPLE_PINHOLE cameras"
         )
 
-    # 5. The upright frame, from the dataset's own model (what the trainer and viewer see)
+    # 6. The upright frame, from the dataset's own model (what the trainer and viewer see)
     scene = sfm.scene_of(dataset / "sparse" / "0")
     rep.log(f"scene up {scene['up']} ({scene['method']}), scale {scene['scale']}")
 
-    # 6. Summary
+    # 7. Summary
     return {
         "summary_version": SUMMARY_VERSION,
         "video": {
@@ -488,6 +525,8 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
         "path_jump_ratio": round(path.jump_ratio, 2),
         "weakest_link_points": path.weakest_link,
         "weakest_link_ratio": round(path.weakest_link_ratio, 3),
+        "parallax_verdict": parallax.verdict,
+        "parallax_seconds": round(parallax.seconds, 2),
         "retried_with_exhaustive": retried,
         "image_pairs_matched": len(pairs),
         "image_pairs_verified": pair_stats.verified_pairs,

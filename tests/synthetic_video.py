@@ -506,3 +506,36 @@ def centre_errors(estimated: dict[int, np.ndarray], video: SyntheticVideo) -> np
     scale, rot, trans = similarity_align(est, truth)
     aligned = scale * est @ rot.T + trans
     return np.linalg.norm(aligned - truth, axis=1) / video.scene_radius
+
+
+def pan_poses(
+    n: int,
+    degrees: float = 60.0,
+    center: tuple[float, float, float] = (2.6, 0.0, 1.5),
+    shake: float = 0.0,
+    seed: int = 0,
+) -> list[Pose]:
+    """A camera standing at `center` that only turns: yaw over `degrees`, starting towards the
+    boxes (a rotation-only pan, which cannot be triangulated). `shake` moves the centre by up
+    to that many metres (hand tremor)."""
+    rng = np.random.default_rng(seed + 4000)
+    c = np.array(center, dtype=float)
+    start = math.atan2(-c[1], -c[0])
+    poses = []
+    for i in range(n):
+        a = start + math.radians(degrees) * (i / max(n - 1, 1) - 0.5)
+        pos = c + shake * rng.uniform(-1, 1, 3)
+        target = pos + np.array([math.cos(a), math.sin(a), -0.25])
+        poses.append(look_at(pos, target))
+    return poses
+
+
+def orbit_poses_at(
+    fractions: Iterable[float], turns: float = 1.0, seed: int = 0, **kwargs: float
+) -> list[Pose]:
+    """Poses of `orbit_poses` at chosen fractions of the orbit (0 start, 1 end) instead of
+    evenly spaced ones: a camera that speeds up for a step, or a video with frames dropped."""
+    fractions = list(fractions)
+    dense = 4000
+    path = orbit_poses(dense + 1, turns=turns, seed=seed, **kwargs)
+    return [path[round(u * dense)] for u in fractions]
