@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, NoReturn, Protocol
 
@@ -48,6 +48,7 @@ EXIT_UNREACHABLE = 3
 EXIT_AUTH = 4
 
 DEFAULT_SERVER = "http://localhost:8000"
+META_KEY = "training_client.context"
 # Every (method, path template) the client calls; `Api` refuses any other.
 ROUTES: frozenset[tuple[str, str]] = frozenset(
     {
@@ -86,6 +87,7 @@ PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".heic", ".heif", ".webp", ".tif", ".
 CHUNK = 256 * 1024
 POLL_SECONDS = 1.0
 STREAM_READ_TIMEOUT = 40.0  # the server pings every 15 s: silence this long means it dropped
+UNREACHABLE_PATIENCE = 60.0  # seconds --wait keeps polling a server that went away
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -322,7 +324,8 @@ def finished(task: dict[str, Any]) -> bool:
 
 class Follower:
     """Follows tasks to their end: the event stream (`GET /events`), with `/status` polling
-    when the stream cannot be had or drops."""
+    when the stream cannot be had or drops; a server that goes away (a restart) is polled
+    for up to `UNREACHABLE_PATIENCE` seconds before the wait gives up (exit 3)."""
 
     def __init__(self, api: Api, on_update: Callable[[dict[str, Any]], None]) -> None:
         self.api = api
@@ -338,16 +341,18 @@ class Follower:
 
     def follow(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """Block until every task in `ids` has ended; their last task objects."""
-        try:
+        # No stream, or it dropped: poll (a real error shows there again).
+        with suppress(ServerUnreachable, ServerRefused):
             self._stream(ids)
-        except (ServerUnreachable, httpx.HTTPError):
-            pass  # the stream dropped: poll
-        except ServerRefused as exc:
-            if exc.http_status in (401, 403):
-                raise
+        last_answer = time.monotonic()
         while waiting := self._pending(ids):
-            for task_id in waiting:
-                self._seen(self.api.status(task_id))
+            try:
+                for task_id in waiting:
+                    self._seen(self.api.status(task_id))
+                last_answer = time.monotonic()
+            except ServerUnreachable:  # a restart: the task is re-queued there, so wait
+                if time.monotonic() - last_answer > UNREACHABLE_PATIENCE:
+                    raise
             if self._pending(ids):
                 time.sleep(POLL_SECONDS)
         return {i: self.tasks[i] for i in ids}
@@ -494,6 +499,13 @@ class Context:
         elif text is not None:
             click.echo(text)
 
+    def emit_line(self, value: dict[str, Any], text: str | None = None) -> None:
+        """One JSON object per line with --json (log streams), else the text (if any)."""
+        if self.as_json:
+            click.echo(json.dumps(value))
+        elif text is not None:
+            click.echo(text)
+
 
 class Cli(click.Group):
     """Turns `ClientError`s into their message on stderr (and JSON with --json) and the
@@ -504,7 +516,7 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except ClientError as exc:
             stderr.print(f"error: {exc.message}", markup=False)
-            state = ctx.find_object(Context)
+            state = ctx.meta.get(META_KEY)
             if state is not None and state.as_json and not isinstance(exc, TaskEndedBadly):
                 body = {"error": exc.message, "exit_code": exc.exit_code}
                 click.echo(json.dumps({**body, "http_status": exc.http_status}))
@@ -517,7 +529,7 @@ def _fail(message: str) -> NoReturn:
 
 def _setup(ctx: click.Context, server: str, token: str | None, as_json: bool) -> Context:
     state = Context(server, token or None, as_json)
-    ctx.obj = state
+    ctx.meta[META_KEY] = state  # shared with the group's context, which reports errors
     ctx.call_on_close(state.api.close)
     return state
 
@@ -732,7 +744,7 @@ def logs(
         params = {"lines": lines} if lines else None
         with state.api.stream("GET", "/logs/{task_id}", task_id, params=params) as response:
             for line in response.iter_lines():
-                state.emit({"line": line}, line)
+                state.emit_line({"line": line}, line)
         return
     params = {"lines": lines if lines is not None else 100}
     timeout = httpx.Timeout(30.0, read=STREAM_READ_TIMEOUT)
@@ -741,9 +753,9 @@ def logs(
     ) as response:
         for event, data in sse_events(response.iter_lines()):
             if event == "log":
-                state.emit({"line": data}, data)
+                state.emit_line({"line": data}, data)
             elif event == "end":
-                state.emit({"end": data})
+                state.emit_line({"end": data})
                 if data in ENDED_BADLY or data == "deleted":
                     task = state.api.status(task_id) if data != "deleted" else {}
                     reason = task.get("error_message") or "no reason given"
