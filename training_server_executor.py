@@ -32,6 +32,20 @@ from training_server_process import (
 Ref = dict[str, Any]
 
 
+class RunLostError(RuntimeError):
+    """The run was lost with the machine it ran on (a cluster node died, the cluster
+    forgot it): it did not fail by itself, so it is queued to run again."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How many runs of a stage may be in flight now, and, when no more may start, why a
+    queued one waits (in words for its status)."""
+
+    limit: int
+    waiting: str | None = None
+
+
 @dataclass(frozen=True)
 class StageCommand:
     """One run of a stage's command, as the executor needs it."""
@@ -81,6 +95,12 @@ class Executor(Protocol):
     async def clear_leftovers(self, task_id: str, ref: Ref | None) -> int:
         """End whatever of the task's runs survived a restart; returns how many were ended."""
 
+    def planned_ref(self, command: StageCommand) -> Ref | None:
+        """Where the run will live, when that is known before it starts (persisted first)."""
+
+    async def capacity(self, stage: Stage, running: int) -> Capacity:
+        """How many runs of `stage` may be in flight now (`running` of them run already)."""
+
 
 class _LocalHandle(LocalProcess):
     @property
@@ -94,8 +114,17 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, kill_grace: float) -> None:
+    def __init__(self, kill_grace: float, slots: dict[Stage, int] | None = None) -> None:
         self.kill_grace = kill_grace
+        self.slots = slots or {Stage.PREPROCESSING: 1, Stage.TRAINING: 1}
+
+    def planned_ref(self, command: StageCommand) -> Ref | None:
+        """Unknown before the start: a local run is named by its pid."""
+        return None
+
+    async def capacity(self, stage: Stage, running: int) -> Capacity:
+        """The settings' fixed slot count."""
+        return Capacity(self.slots[stage])
 
     async def start(self, command: StageCommand) -> RunHandle:
         """Spawn the command in its own process group."""
@@ -133,16 +162,35 @@ async def run_command(
     """Start `command`, persist where it runs (`on_started`, before anything else), follow it
     to its end or its timeout, and always stop it."""
     started = asyncio.get_running_loop().time()
+    plan = getattr(executor, "planned_ref", None)
+    planned = plan(command) if plan is not None else None
+    if planned is not None:  # a job elsewhere: persist its name before it exists
+        await on_started(planned)
     handle = await executor.start(command)
+    if hasattr(handle, "on_ref_change"):  # e.g. the node it landed on, once known
+        handle.on_ref_change = on_started
     try:
         await on_started(handle.ref)
     except BaseException:
         await await_shielded(_stop(handle, kill_grace))
         raise
     elapsed = asyncio.get_running_loop().time() - started
+    return await follow_handle(handle, command.timeout_s - elapsed, on_output, kill_grace)
+
+
+async def follow_handle(
+    handle: RunHandle,
+    timeout_s: float,
+    on_output: Callable[[bytes], None],
+    kill_grace: float,
+    on_ref_change: Callable[[Ref], Awaitable[None]] | None = None,
+) -> ProcessOutcome:
+    """Follow a started (or reattached) run to its end or its timeout; always stop it."""
+    if on_ref_change is not None and hasattr(handle, "on_ref_change"):
+        handle.on_ref_change = on_ref_change
     return await follow_to_end(
         handle,
-        timeout_s=max(0.0, command.timeout_s - elapsed),
+        timeout_s=max(0.0, timeout_s),
         on_output=on_output,
         kill_grace=kill_grace,
     )

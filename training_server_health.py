@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import training_server_stages as stages
 import training_server_trainer as trainer
@@ -71,3 +72,12 @@ def storage_problem(folder: Path, min_free_bytes: int) -> str | None:
             f"{min_free_bytes} needed): uploads are refused until space is freed"
         )
     return None
+
+
+async def cluster_health(executor: object) -> dict[str, Any] | None:
+    """The cluster the stages run on (nodes, GPUs total and free, Ray's version, and what
+    keeps it from taking work), or None when they run on this machine."""
+    describe = getattr(executor, "health", None)
+    if describe is None:
+        return None
+    return await describe()

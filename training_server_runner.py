@@ -17,7 +17,7 @@ from typing import Any
 import training_server_stages as stages
 import training_server_state as state
 from training_server_db import Database, TaskNotFoundError
-from training_server_executor import Executor
+from training_server_executor import Executor, RunHandle, RunLostError
 from training_server_health import StageHealth
 from training_server_models import EndReason, ServerConfig, Stage, TaskParams
 from training_server_process import TaskLog, await_shielded
@@ -81,11 +81,12 @@ class Runner:
 
     # -- starting and stopping ---------------------------------------------------------------
 
-    def start(self, row: Row, stage: Stage) -> None:
-        """Run a task just claimed for `stage` (its row as the claim returned it). Registered
-        before anything awaits, so a stop request always finds it."""
+    def start(self, row: Row, stage: Stage, attached: RunHandle | None = None) -> None:
+        """Run a task just claimed for `stage` (its row as the claim returned it), or follow
+        `attached`, its run that outlived a server restart. Registered before anything
+        awaits, so a stop request always finds it."""
         task_id = row["id"]
-        task = asyncio.create_task(self._run(row, stage), name=f"{stage.value}:{task_id}")
+        task = asyncio.create_task(self._run(row, stage, attached), name=f"{stage.value}:{task_id}")
         self._running[task_id] = _Running(stage=stage, task=task)
 
     async def stop(self, task_id: str, reason: EndReason, message: str) -> bool:
@@ -117,7 +118,7 @@ class Runner:
 
     # -- one run -------------------------------------------------------------------------------
 
-    async def _run(self, row: Row, stage: Stage) -> None:
+    async def _run(self, row: Row, stage: Stage, attached: RunHandle | None = None) -> None:
         task_id = row["id"]
         result: StageResult | None = None
         task_log: TaskLog | None = None
@@ -128,7 +129,8 @@ class Runner:
                 entry.stop_reason, entry.stop_message = pending
                 raise asyncio.CancelledError
             task_log = TaskLog(self.paths.log_file(task_id), self.settings.log_max_bytes)
-            task_log.event(f"Stage {stage.value} started (attempt {row['attempts']})")
+            how = "reattached after a server restart" if attached else "started"
+            task_log.event(f"Stage {stage.value} {how} (attempt {row['attempts']})")
             ctx = StageContext(
                 task_id=task_id,
                 row=row,
@@ -143,6 +145,7 @@ class Runner:
                 stage=stage,
                 attempt=row["attempts"],
                 checkout=self.health.checkout,
+                attached=attached,
             )
             if not self.paths.task_dir(task_id).is_dir():
                 result = StageResult(
@@ -164,6 +167,8 @@ class Runner:
                 message=message,
                 error=None if reason == EndReason.INTERRUPTED else message,
             )
+        except RunLostError as exc:
+            result = self._lost(row, stage, exc)
         except Exception as exc:
             log.exception("stage %s of task %s crashed", stage.value, task_id)
             result = StageResult(
@@ -173,6 +178,21 @@ class Runner:
             )
         finally:
             await await_shielded(self._finish(row, stage, result, task_log))
+
+    def _lost(self, row: Row, stage: Stage, exc: RunLostError) -> StageResult:
+        """A run lost with its machine: queued again at its old place (training resumes from
+        its last checkpoint), until it has been tried ray_max_attempts times."""
+        attempts, limit = row["attempts"], self.settings.ray_max_attempts
+        if attempts >= limit:
+            return StageResult(
+                EndReason.FAILED,
+                f"{stage.value.capitalize()} failed",
+                f"Its run was lost {attempts} times (the last time: {exc}); not retried again.",
+            )
+        return StageResult(
+            EndReason.INTERRUPTED,
+            f"Its run was lost ({exc}); queued to run again (attempt {attempts} of {limit})",
+        )
 
     async def _finish(
         self, row: Row, stage: Stage, result: StageResult | None, task_log: TaskLog | None

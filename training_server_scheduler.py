@@ -1,4 +1,5 @@
-"""The queues: FIFO per stage with a slot count each, filled by one loop that wakes when
+"""The queues: FIFO per stage with a capacity each (the executor's: fixed slot counts here,
+the free resources of a Ray cluster), filled by one loop that wakes when
 work arrives or a slot frees (and every few seconds in any case). A claim is the named state
 operation `claim`; the row it returns goes straight to the runner. Tasks the database shows
 running that no runner here runs are re-queued (reconcile), with a growing pause for a task
@@ -42,17 +43,57 @@ class Scheduler:
         self.accepting = False
         self._wake = asyncio.Event()
         self._lost: dict[str, tuple[int, float]] = {}  # task -> (times lost, not before)
+        self._limits: dict[Stage, int] = {
+            Stage.PREPROCESSING: settings.preprocess_slots,
+            Stage.TRAINING: settings.training_slots,
+        }
+        self.waiting: dict[Stage, str | None] = {stage: None for stage in Stage}
 
     def wake(self) -> None:
         """Look at the queues soon (work arrived or a slot freed)."""
         self._wake.set()
 
     def slots(self) -> dict[Stage, int]:
-        """How many runs of each stage may run at once."""
-        return {
-            Stage.PREPROCESSING: self.settings.preprocess_slots,
-            Stage.TRAINING: self.settings.training_slots,
-        }
+        """How many runs of each stage may run at once (as the executor said last)."""
+        return dict(self._limits)
+
+    async def _capacity(self, stage: Stage) -> int:
+        """Ask the executor how many runs of `stage` may be in flight; remember why queued
+        tasks wait when none more may start."""
+        ask = getattr(self.runner.executor, "capacity", None)
+        if ask is None:  # an executor without a say: the settings' slot counts
+            return self._limits[stage]
+        try:
+            capacity = await ask(stage, self.runner.busy(stage))
+        except Exception:
+            log.exception("could not read the capacity for %s", stage.value)
+            return self.runner.busy(stage)
+        self._limits[stage] = capacity.limit
+        self.waiting[stage] = capacity.waiting
+        return capacity.limit
+
+    async def _say_waiting(self, stage: Stage, task_ids: list[str]) -> None:
+        """Put why they wait in the queued tasks' message (written only when it changes)."""
+        message = self.waiting[stage]
+        if not message:
+            return
+        waiting_status = (
+            TaskStatus.PENDING
+            if stage == Stage.PREPROCESSING
+            else (TaskStatus.PREPROCESSING_COMPLETED)
+        )
+        for task_id in task_ids[:50]:
+            with contextlib.suppress(TaskNotFoundError):
+                row = await self.db.get_task(task_id)
+                if row["message"] == message or row["queued_for"] != stage.value:
+                    continue
+                written = await self.db.update_fields(
+                    task_id,
+                    {"message": message, "updated_at": state.now_iso()},
+                    only_if_status=[waiting_status.value],
+                )
+                if written is not None:
+                    await self.records.publish(written)
 
     async def run_forever(self) -> None:
         """The scheduling loop (a named, watched background task)."""
@@ -65,11 +106,17 @@ class Scheduler:
     async def fill_slots(self) -> None:
         """Start queued tasks while their stage has free slots."""
         await self._reconcile()
-        for stage, limit in self.slots().items():
+        for stage in Stage:
+            queued = await self.db.queued(stage.value)
+            if not queued:
+                continue
+            limit = await self._capacity(stage)
             busy = self.runner.busy(stage)
             if busy >= limit:
+                if self.accepting:
+                    await self._say_waiting(stage, queued)
                 continue
-            for task_id in await self.db.queued(stage.value):
+            for task_id in queued:
                 if not self.accepting or busy >= limit:
                     break
                 if self.runner.is_running(task_id):

@@ -23,7 +23,7 @@ from typing import Any
 
 import training_server_exports as exports
 import training_server_trainer as trainer
-from training_server_executor import Executor, StageCommand, run_command
+from training_server_executor import Executor, RunHandle, StageCommand, follow_handle, run_command
 from training_server_models import CommandHealth, EndReason, ServerConfig, Stage, TaskParams
 from training_server_process import ProcessOutcome, TaskLog, run_captured
 from training_server_utils import (
@@ -65,6 +65,8 @@ class StageContext:
     stage: Stage
     attempt: int
     checkout: Path | None = None
+    # A run that outlived a server restart (a Ray job): followed instead of starting one.
+    attached: RunHandle | None = None
 
 
 async def _run(
@@ -76,11 +78,17 @@ async def _run(
     on_text: Callable[[bytes], None],
     env: dict[str, str],
 ) -> ProcessOutcome:
-    ctx.log.event("Running: " + " ".join(argv))
-
     def on_output(chunk: bytes) -> None:
         ctx.log.feed(chunk)
         on_text(chunk)
+
+    if ctx.attached is not None:
+        handle, ctx.attached = ctx.attached, None
+        ctx.log.event(f"Following the run that kept going: {handle.ref}; its output so far follows")
+        return await follow_handle(
+            handle, timeout_s, on_output, ctx.settings.kill_grace, on_ref_change=ctx.record_ref
+        )
+    ctx.log.event("Running: " + " ".join(argv))
 
     command = StageCommand(
         task_id=ctx.task_id,
@@ -396,7 +404,10 @@ async def train(ctx: StageContext) -> StageResult:
     dataset = ctx.paths.dataset_dir(ctx.task_id)
     iterations = ctx.params.iterations
     hold_out = ctx.params.hold_out if ctx.params.hold_out is not None else settings.trainer_hold_out
-    plan = await asyncio.to_thread(trainer.prepare_output_dir, output_dir, iterations)
+    if ctx.attached is not None:  # the trainer runs on in this folder: leave it as it is
+        plan = trainer.ResumePlan("fresh", "Reattached to the training that kept running")
+    else:
+        plan = await asyncio.to_thread(trainer.prepare_output_dir, output_dir, iterations)
     ctx.log.event(plan.message)
     resolution = await asyncio.to_thread(choose_resolution, ctx.params, settings, dataset)
     label = "Training"

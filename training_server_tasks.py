@@ -26,6 +26,7 @@ from training_server_executor import Executor, LocalExecutor
 from training_server_health import StageHealth
 from training_server_models import ServerConfig, Stage, TaskStatus
 from training_server_process import TaskLog, kill_pids, marked_processes
+from training_server_ray import RayExecutor  # imports Ray itself only when used
 from training_server_records import Records
 from training_server_runner import Runner
 from training_server_scheduler import Scheduler
@@ -58,7 +59,7 @@ class TaskManager:
         self.paths = Paths(settings.temp_dir.resolve(), settings.logs_dir.resolve())
         self.records = Records(db, self.events)
         self.health = StageHealth(settings)
-        self.executor = executor or LocalExecutor(settings.kill_grace)
+        self.executor = executor or make_executor(settings, self.paths.temp_dir)
         self.runner = Runner(
             settings,
             self.paths,
@@ -86,12 +87,20 @@ class TaskManager:
         """Recover from an earlier run, check the stage commands, start the loops."""
         self.paths.temp_dir.mkdir(parents=True, exist_ok=True)
         self.paths.logs_dir.mkdir(parents=True, exist_ok=True)
+        ray = self._ray()
+        if ray is not None and ray.settings_problem:
+            log.error("the Ray executor cannot work: %s", ray.settings_problem)
         await self._recover()
         await self.health.check_all()
         self.scheduler.accepting = True
         self._loops = [
             asyncio.create_task(
                 _watched("scheduler", self.scheduler.run_forever), name="scheduler"
+            ),
+            *(
+                [asyncio.create_task(_watched("cluster", self._watch_cluster), name="cluster")]
+                if ray is not None
+                else []
             ),
             asyncio.create_task(
                 _watched(
@@ -114,6 +123,29 @@ class TaskManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
         await self.runner.shutdown()
+
+    def _ray(self) -> RayExecutor | None:
+        return self.executor if isinstance(self.executor, RayExecutor) else None
+
+    async def _watch_cluster(self) -> None:
+        """Check the shared storage with a probe job until it passes (at start-up, and again
+        whenever the cluster was away), and wake the scheduler when the cluster comes back."""
+        ray = self._ray()
+        assert ray is not None
+        was_reachable = None
+        while True:
+            view = await ray.cluster(max_age=0)
+            if view.reachable and (ray.storage_problem is not None or not was_reachable):
+                problem = await ray.check_storage()
+                if problem:
+                    log.error("Ray executor: %s", problem)
+                else:
+                    log.info("Ray cluster at %s: the shared storage checked out", ray.address)
+                self.scheduler.wake()
+            elif not view.reachable and was_reachable is not False:
+                log.error("Ray executor: %s; tasks wait for it", view.problem)
+            was_reachable = view.reachable
+            await asyncio.sleep(2.0)
 
     def loops_alive(self) -> dict[str, bool]:
         """Whether each named background loop runs."""
@@ -140,6 +172,8 @@ class TaskManager:
             await self._settle_new_database(orphans)
         for row in await self.db.tasks_in([s.value for s in state.RUNNING]):
             ref = row["run_ref"] or {"pid": row["pid"], "start_time": row["pid_start_time"]}
+            if await self._reattach(row, ref):
+                continue
             killed = await self.executor.clear_leftovers(row["id"], ref)
             if killed:
                 log.warning("killed %d leftover processes of task %s", killed, row["id"])
@@ -153,6 +187,8 @@ class TaskManager:
         # Stage processes of this workspace's tasks that no record runs (e.g. started while
         # a cancel landed, before their pid was recorded): nothing runs yet, so all go.
         ours = known | {f.name for f in folders}
+        if self._ray() is not None:
+            ours = set()  # marked processes here are Ray jobs of a node on this machine
         strays = {task: pids for task, pids in marked_processes().items() if task in ours}
         if strays:
             killed = await asyncio.to_thread(kill_pids, [p for ps in strays.values() for p in ps])
@@ -160,6 +196,18 @@ class TaskManager:
         if not self.db.created:
             for folder in orphans:
                 self._settle_orphan(folder)
+
+    async def _reattach(self, row: dict, ref: dict) -> bool:
+        """Follow a training that kept running on the cluster while the server was down (its
+        ending, even one reached meanwhile, is recorded as usual); False when it cannot be."""
+        if row["status"] != S.TRAINING.value:
+            return False  # a preprocessing run is cheap: it is stopped and runs again
+        handle = await self.executor.reattach(ref)
+        if handle is None:
+            return False
+        self._append_log(row["id"], f"Server restarted; following its training job {ref}")
+        self.runner.start(row, Stage.TRAINING, attached=handle)
+        return True
 
     def _task_folders(self) -> list[Path]:
         if not self.paths.temp_dir.is_dir():
@@ -217,6 +265,17 @@ class TaskManager:
     def _append_log(self, task_id: str, text: str) -> None:
         with TaskLog(self.paths.log_file(task_id), self.settings.log_max_bytes) as task_log:
             task_log.event(text)
+
+
+def make_executor(settings: ServerConfig, temp_dir: Path) -> Executor:
+    """The executor the settings name."""
+    if settings.executor == "ray":
+        return RayExecutor(settings, temp_dir)
+    slots = {
+        Stage.PREPROCESSING: settings.preprocess_slots,
+        Stage.TRAINING: settings.training_slots,
+    }
+    return LocalExecutor(settings.kill_grace, slots)
 
 
 async def _watched(name: str, loop: Callable[[], Awaitable[None]]) -> None:
