@@ -311,7 +311,7 @@ class TaskPublic(BaseModel):
     allowed_actions: list[Literal["cancel", "retry", "train", "delete"]] = []
     results: TaskResults = Field(default_factory=lambda: TaskResults())
     active: bool = False  # it runs or waits in a queue: its log may still grow
-    node: str | None = None  # with the Ray executor: the node its stage runs on ("host (ip, node id)")
+    node: str | None = None  # Ray executor: the node its stage runs on ("host (ip, node id)")
     webhooks: list[WebhookDelivery] | None = None  # None: no webhooks configured
 
 
