@@ -121,11 +121,16 @@ def start_tus_server(
     start_server: Callable[..., ServerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., ServerProcess]]:
     """`start_server`, with the app that serves /uploads/ and honours Idempotency-Key."""
+    use_launcher(tmp_path, monkeypatch)
+    yield start_server
+
+
+def use_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `start_server` run LAUNCHER (the app with both installed) for this test."""
     folder = tmp_path / "launcher"
     folder.mkdir()
     (folder / "training_server.py").write_text(LAUNCHER.format(repo=str(conftest.REPO)))
     monkeypatch.setattr(conftest, "REPO", folder)
-    yield start_server
 
 
 def sha256(path: Path) -> str:
