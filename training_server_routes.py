@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from training_server_deps import Manager, Settings, TaskId
-from training_server_health import storage_problem
+from training_server_health import cluster_health, storage_problem
 from training_server_models import (
     VERSION,
     ActionResponse,
@@ -259,6 +259,9 @@ async def health(
         problems.append(storage)
     loops = manager.loops_alive()
     problems += [f"the {name} loop is not running" for name, alive in loops.items() if not alive]
+    cluster = await cluster_health(manager.executor)
+    if cluster is not None and cluster["problem"]:
+        problems.append(cluster["problem"])
     return Health(
         status="degraded" if problems else "ok",
         problems=problems,
@@ -272,6 +275,7 @@ async def health(
         preprocessing=manager.health.preprocessing,
         training=manager.health.training,
         auth_required=settings.api_token is not None,
+        cluster=cluster,
     )
 
 
