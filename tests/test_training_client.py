@@ -24,6 +24,7 @@ import training_client
 from conftest import (
     OFFICE_VIDEO,
     REPO,
+    STATIC_VIDEO,
     ServerProcess,
     free_port,
     settings_env,
@@ -122,10 +123,17 @@ def test_json_outputs_parse(server: ServerProcess, tmp_path: Path) -> None:
     task_id = answer["task_id"]
     assert answer["status"] == "pending" and answer["auto_training"] is False
 
-    waited = run_cli("submit", str(OFFICE_VIDEO), "--no-train", "--wait", "--json", server=url)
+    # Several videos make several tasks, followed together.
+    waited = run_cli(
+        "submit", str(OFFICE_VIDEO), str(STATIC_VIDEO), "--no-train", "--wait", "--json",
+        server=url,
+    )  # fmt: skip
     assert waited.returncode == 0, waited.stderr
-    [done] = json_out(waited)["tasks"]
-    assert done["status"] == "preprocessing_completed" and done["results"]["dataset"] is True
+    both = json_out(waited)["tasks"]
+    assert [t["original_filename"] for t in both] == [OFFICE_VIDEO.name, STATIC_VIDEO.name]
+    assert all(t["status"] == "preprocessing_completed" for t in both)
+    assert all(t["results"]["dataset"] is True for t in both)
+    done = both[0]
 
     with server.client() as client:
         wait_status(client, task_id, "preprocessing_completed")
