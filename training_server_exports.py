@@ -35,12 +35,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
+from pydantic import BaseModel
 from starlette.responses import Response
 
 import training_server_spz as spz
 import training_server_trainer as trainer
 from training_server_models import (
     ConflictError,
+    ErrorBody,
     GoneError,
     NotFoundError,
     TaskPublic,
@@ -303,6 +305,25 @@ async def _require_token(request: Request) -> None:
 
 router = APIRouter(dependencies=[Depends(_require_token)])
 NO_CACHE = "private, no-cache"
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 410, 422)
+}
+
+
+class PreviewInfo(BaseModel):
+    """What `/tasks/{id}/preview.spz` serves now."""
+
+    task_id: str
+    step: int | None = None
+    total: int | None = None
+    bytes: int | None = None
+    count: int | None = None
+    sh_degree: int | None = None
+    upright: bool | None = None
+    updated_at: str | None = None
+    final: bool  # the finished model rather than a snapshot
+    url: str
+    etag: str
 
 
 def _manager(request: Request) -> TaskManager:
@@ -333,7 +354,7 @@ async def _task(manager: TaskManager, task_id: str) -> TaskPublic:
 @router.api_route(
     "/download/{task_id}/spz",
     methods=["GET", "HEAD"],
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS},
 )
 async def download_spz(task_id: uuid.UUID, request: Request) -> FileResponse:
     """The trained model as SPZ (version 3), for web viewers; named like the .ply."""
@@ -433,7 +454,7 @@ def _headers(found: _Preview) -> dict[str, str]:
 @router.api_route(
     "/tasks/{task_id}/preview.spz",
     methods=["GET", "HEAD"],
-    responses={200: {"content": {"application/octet-stream": {}}}, 304: {}},
+    responses={200: {"content": {"application/octet-stream": {}}}, 304: {}, **ERRORS},
 )
 async def preview_spz(task_id: uuid.UUID, request: Request) -> Response:
     """The newest training preview as SPZ (a snapshot's Gaussians, SH degree 0), or the
@@ -447,7 +468,7 @@ async def preview_spz(task_id: uuid.UUID, request: Request) -> Response:
     return FileResponse(found.path, media_type="application/octet-stream", headers=headers)
 
 
-@router.get("/tasks/{task_id}/preview")
+@router.get("/tasks/{task_id}/preview", response_model=PreviewInfo, responses=ERRORS)
 async def preview_info(task_id: uuid.UUID, request: Request) -> Response:
     """What `/tasks/{id}/preview.spz` serves now: `step`, `total`, `bytes`, `count`,
     `sh_degree`, `upright`, `updated_at`, `final` (the finished model) and its `url`."""

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -24,6 +24,7 @@ from training_server_deps import Manager, TaskId, require_token
 from training_server_models import (
     ApiError,
     ConflictError,
+    ErrorBody,
     GoneError,
     NotFoundError,
     TaskPublic,
@@ -38,6 +39,20 @@ from training_server_utils import (
 )
 
 router = APIRouter(dependencies=[Depends(require_token)])
+# Every error answer is JSON {"detail": ...} (training_server.py's handlers).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 410, 422)
+}
+SPARSE_SCHEMA = {
+    "type": "object",
+    "description": "points (total, count, positions, colors), cameras (name, center, "
+    "direction, up), view, scene (the upright frame, or null)",
+    "properties": {
+        "points": {"type": "object"},
+        "cameras": {"type": "array", "items": {"type": "object"}},
+        "scene": {"type": ["object", "null"]},
+    },
+}
 
 
 def _zip_response(files: list[tuple[Path, str]], filename: str, *, head: bool = False) -> Response:
@@ -84,7 +99,7 @@ def _iterate(archive: ZipStream, batch: int = 1024 * 1024) -> Iterator[bytes]:
 @router.api_route(
     "/download/{task_id}",
     methods=["GET", "HEAD"],
-    responses={200: {"content": {"application/zip": {}}}},
+    responses={200: {"content": {"application/zip": {}}}, **ERRORS},
 )
 async def download(request: Request, task_id: TaskId, manager: Manager) -> Response:
     """A ZIP of the result: the trained model once training_completed (named
@@ -119,7 +134,7 @@ async def download(request: Request, task_id: TaskId, manager: Manager) -> Respo
 @router.api_route(
     "/download/{task_id}/ply",
     methods=["GET", "HEAD"],
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS},
 )
 async def download_ply(task_id: TaskId, manager: Manager) -> FileResponse:
     """The trained model's final .ply alone, for splat viewers."""
@@ -202,7 +217,7 @@ def _not_modified(request: Request, etag: str) -> bool:
     return etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}
 
 
-@router.get("/tasks/{task_id}/frames", response_model=FrameList)
+@router.get("/tasks/{task_id}/frames", response_model=FrameList, responses=ERRORS)
 async def frames(task_id: TaskId, manager: Manager) -> FrameList:
     """The frames kept for the dataset (`images_undistorted/images`), sorted by name, with
     URLs of each frame and of its thumbnail (the URLs change when the frame does)."""
@@ -227,7 +242,7 @@ async def frames(task_id: TaskId, manager: Manager) -> FrameList:
 
 @router.get(
     "/tasks/{task_id}/frames/{name}",
-    responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}},
+    responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}, **ERRORS},
 )
 async def frame(
     task_id: TaskId,
@@ -265,7 +280,10 @@ async def frame(
     return Response(data, media_type=media, headers=headers)
 
 
-@router.get("/tasks/{task_id}/sparse")
+@router.get(
+    "/tasks/{task_id}/sparse",
+    responses={200: {"content": {"application/json": {"schema": SPARSE_SCHEMA}}}, **ERRORS},
+)
 async def sparse(task_id: TaskId, manager: Manager, request: Request) -> Response:
     """The sparse model for the page's 3D view, as compact JSON: `points` (`total` in the
     model, `count` sent, at most 50,000, flat `positions` [x, y, z, ...] and `colors`

@@ -24,7 +24,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -58,7 +58,11 @@ from training_server_upload import (
 from training_server_utils import sanitize_filename
 
 LOG_CHUNK = 64 * 1024
-ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 410, 422, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 410, 422, 503)
+}
+ERROR_REF = "#/components/schemas/ErrorBody"
+EVENT_STREAM = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
 router = APIRouter()
 
@@ -192,7 +196,13 @@ async def delete(task_id: TaskId, manager: Manager) -> ActionResponse:
     return ActionResponse(task_id=task_id, status=None, message="Task deleted")
 
 
-@router.get("/logs/{task_id}", response_class=PlainTextResponse, responses=ERRORS)
+@router.get(
+    "/logs/{task_id}",
+    response_class=PlainTextResponse,
+    responses={
+        code: {"content": {"application/json": {"schema": {"$ref": ERROR_REF}}}} for code in ERRORS
+    },
+)
 async def logs(
     task_id: TaskId,
     manager: Manager,
@@ -222,7 +232,7 @@ def _read_chunks(path: Path, limit: int) -> Iterator[bytes]:
             yield chunk
 
 
-@router.get("/logs/{task_id}/stream", responses=ERRORS)
+@router.get("/logs/{task_id}/stream", responses={200: EVENT_STREAM, **ERRORS})
 async def log_stream(
     task_id: TaskId,
     manager: Manager,
@@ -234,7 +244,7 @@ async def log_stream(
     return EventSourceResponse(_follow_log(manager, task_id, lines), ping=15)
 
 
-@router.get("/events", responses=ERRORS)
+@router.get("/events", responses={200: EVENT_STREAM, **ERRORS})
 async def events(manager: Manager) -> EventSourceResponse:
     """Server-Sent Events: every task change (`task`) and removal (`deleted`)."""
     return EventSourceResponse(_task_events(manager), ping=15)

@@ -353,43 +353,7 @@ DOWNLOAD_ERRORS = (
     "keep the 200 content and add the error answers as ErrorBody: responses={200: ..., "
     "**{code: {'model': ErrorBody} for code in (401, 404, 409, 410, 422)}}"
 )
-UNFIXED: dict[tuple[str, str], str] = {
-    ("GET", "/logs/{task_id}"): (
-        "training_server_routes.py: response_class=PlainTextResponse makes its error answers "
-        "text/plain; declare them with content {'application/json': ErrorBody}"
-    ),
-    ("GET", "/logs/{task_id}/stream"): (
-        "training_server_routes.py: no 200 model; add responses={200: {'content': "
-        "{'text/event-stream': {'schema': {'type': 'string'}}}}, **ERRORS}"
-    ),
-    ("GET", "/events"): (
-        "training_server_routes.py: no 200 model; add responses={200: {'content': "
-        "{'text/event-stream': {'schema': {'type': 'string'}}}}, **ERRORS}"
-    ),
-    **{
-        (method, path): f"{module}: no error answers declared; {DOWNLOAD_ERRORS}"
-        for module, method, path in (
-            ("training_server_results.py", "GET", "/download/{task_id}"),
-            ("training_server_results.py", "HEAD", "/download/{task_id}"),
-            ("training_server_results.py", "GET", "/download/{task_id}/ply"),
-            ("training_server_results.py", "HEAD", "/download/{task_id}/ply"),
-            ("training_server_results.py", "GET", "/tasks/{task_id}/frames"),
-            ("training_server_results.py", "GET", "/tasks/{task_id}/frames/{name}"),
-            ("training_server_exports.py", "GET", "/download/{task_id}/spz"),
-            ("training_server_exports.py", "HEAD", "/download/{task_id}/spz"),
-            ("training_server_exports.py", "GET", "/tasks/{task_id}/preview.spz"),
-            ("training_server_exports.py", "HEAD", "/tasks/{task_id}/preview.spz"),
-        )
-    },
-    ("GET", "/tasks/{task_id}/sparse"): (
-        "training_server_results.py: no 200 model (a pydantic model of points/cameras/view) "
-        "and no error answers declared"
-    ),
-    ("GET", "/tasks/{task_id}/preview"): (
-        "training_server_exports.py: no 200 model (a pydantic PreviewInfo) and no error "
-        "answers declared"
-    ),
-}
+UNFIXED: dict[tuple[str, str], str] = {}
 
 
 def route_problems(schema: dict[str, Any], method: str, path: str) -> list[str]:
