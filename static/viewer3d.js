@@ -318,12 +318,15 @@ export class SplatView extends Stage {
     this.afterRender = () => this.markDrawn();
   }
 
-  /** After a frame: once Spark draws splats of the new mesh (its sort finished), set the
-   * "splats-drawn" performance mark (and data-drawn on the host); false while waiting. */
+  /** After a frame: once Spark draws splats of the new mesh (a sort that started after the
+   * mesh was added has finished, and it left splats to draw), set the "splats-drawn"
+   * performance mark (and data-drawn on the host); false while waiting. */
   markDrawn() {
     const pending = this.drawnMark;
     if (!pending) return true;
-    if (!(this.sparkRenderer.activeSplats > 0)) {
+    const sparkRenderer = this.sparkRenderer;
+    const sorted = sparkRenderer.lastSortTime >= pending.since && !sparkRenderer.sorting;
+    if (!(sorted && sparkRenderer.activeSplats > 0)) {
       if (performance.now() - pending.since < 30_000) return false;
       this.drawnMark = null; // nothing drawn after 30 s: stop waiting
       return true;

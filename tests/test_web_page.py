@@ -726,6 +726,12 @@ def test_the_training_preview_shows_while_the_task_trains(start_server, monkeypa
     expect(legend).to_contain_text(re.compile(r"Preview at step [\d,]+ of 3,000"), timeout=30_000)
     expect_rendered(model)
     expect(model.locator(".viewer")).to_have_attribute("data-preview", re.compile(r".+"))
+    # The viewer marks the first frame with the splats drawn (bench/first_splats.py times it).
+    expect(model.locator(".viewer")).to_have_attribute("data-drawn", re.compile(r"^[1-9]"))
+    drawn = page.evaluate(
+        "performance.getEntriesByName('splats-drawn').map((e) => [e.detail.type, e.detail.count])"
+    )
+    assert drawn and drawn[0] == ["spz", 3000], drawn
     shot(page, "18-training-preview", page.locator("#detail"))
     with server.client() as client:
         status = client.get(f"/tasks/{task_id}").json()["status"]
