@@ -167,6 +167,10 @@ class TusStore:
     root: Path
     reservations: DiskReservations
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # Set to ask the request that holds an upload's lock to stop: a client that resumes
+    # takes over from one whose connection died without a word (half-open, as on a phone
+    # that lost its network), which would otherwise hold the lock until the idle timeout.
+    stop_requests: dict[str, asyncio.Event] = field(default_factory=dict)
     held: dict[str, Reservation] = field(default_factory=dict)
     writing: int = 0
 
@@ -247,6 +251,7 @@ class TusStore:
         if reservation is not None:
             reservation.release()
         self.locks.pop(upload_id, None)
+        self.stop_requests.pop(upload_id, None)
         await asyncio.to_thread(shutil.rmtree, self.folder(upload_id), True)
 
     def release(self, upload_id: str) -> None:
@@ -255,18 +260,24 @@ class TusStore:
             reservation.release()
 
     @asynccontextmanager
-    async def locked(self, upload_id: str) -> AsyncIterator[None]:
-        """Hold the upload's lock (one writer at a time); 423 after LOCK_WAIT_S."""
+    async def locked(self, upload_id: str) -> AsyncIterator[asyncio.Event]:
+        """Hold the upload's lock (one writer at a time), asking its holder to let go first;
+        423 after LOCK_WAIT_S. Yields the event that asks this holder to stop."""
         lock = self.locks.setdefault(upload_id, asyncio.Lock())
+        if lock.locked() and upload_id in self.stop_requests:
+            self.stop_requests[upload_id].set()
         try:
             await asyncio.wait_for(lock.acquire(), LOCK_WAIT_S)
         except TimeoutError:
             raise LockedError(
                 "Another request is sending this upload; try again in a moment."
             ) from None
+        event = self.stop_requests[upload_id] = asyncio.Event()
         try:
-            yield
+            yield event
         finally:
+            if self.stop_requests.get(upload_id) is event:
+                del self.stop_requests[upload_id]
             lock.release()
 
     def restore(self) -> None:
@@ -436,7 +447,7 @@ async def patch(
         )
     store.writing += 1
     try:
-        async with store.locked(upload_id):
+        async with store.locked(upload_id) as release:
             info = await store.get(upload_id)
             current = store.offset(info)
             if offset != current:
@@ -450,7 +461,7 @@ async def patch(
                     raise PayloadTooLargeError(
                         f"These bytes would go past Upload-Length ({info.length})."
                     )
-                gone = await _append(request, store, info, offset)
+                gone = await _append(request, store, info, offset, release)
                 info.expires = time.time() + settings.resumable_upload_expiry
                 if gone:
                     await store.save(info)
@@ -467,9 +478,35 @@ async def patch(
     return Response(status_code=204, headers=headers)
 
 
-async def _append(request: Request, store: TusStore, info: UploadInfo, offset: int) -> bool:
-    """Write the request's body at the end of `data`; True when the client went away (what
-    arrived is kept). 413 for bytes past the declared length, 507 when the disk is short."""
+async def _chunks(request: Request, release: asyncio.Event) -> AsyncIterator[bytes]:
+    """The request's body; ends early (ClientDisconnect) when `release` is set, even while
+    the client sends nothing."""
+    stream = request.stream().__aiter__()
+    stop = asyncio.ensure_future(release.wait())
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(stream))
+            await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
+                log.info("PATCH %s: another request took over the upload", request.url.path)
+                raise ClientDisconnect
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stop.cancel()
+
+
+async def _append(
+    request: Request, store: TusStore, info: UploadInfo, offset: int, release: asyncio.Event
+) -> bool:
+    """Write the request's body at the end of `data`; True when the client went away or
+    another request took over (what arrived is kept). 413 for bytes past the declared
+    length, 507 when the disk is short."""
     path = store.folder(info.id) / DATA_FILE
     reservation = store.held.get(info.id)
     written = offset
@@ -477,7 +514,7 @@ async def _append(request: Request, store: TusStore, info: UploadInfo, offset: i
     try:
         async with aiofiles.open(path, "ab") as out:
             try:
-                async for chunk in request.stream():
+                async for chunk in _chunks(request, release):
                     if written + len(chunk) > info.length:
                         raise PayloadTooLargeError(
                             f"The bytes go past Upload-Length ({info.length})."

@@ -1,9 +1,77 @@
 // The upload form: choose or drop a video, set the frames and training options, send it with
 // a progress bar (bytes, speed, time left) that can be stopped; the new task then opens.
+// The video goes as a resumable tus upload (tus-js-client, from node_modules) when the server
+// serves it, so a dropped connection or a reload resumes where it stopped; otherwise as one
+// POST /upload.
 
 import { $, h, setBar, setText, show } from "./dom.js";
 import * as fmt from "./format.js";
 import { createUploadMeter, uploadErrorTitle, uploadFields } from "./upload-fields.js";
+import { startTusUpload, TUS_SCRIPT, tusUnsupported } from "./upload-tus.js";
+
+let tusLibrary; // the promise of tus-js-client, or of null when it is not installed
+
+/** tus-js-client (its bundle sets window.tus), loaded once; null when it cannot be used. */
+function loadTus(api) {
+  if (tusLibrary === undefined) {
+    tusLibrary = import(api.url(TUS_SCRIPT)).then(
+      () => (window.tus?.isSupported ? window.tus : null),
+      () => null,
+    );
+  }
+  return tusLibrary;
+}
+
+/**
+ * Send `file`: resumable (tus, /uploads/) when the server and the page have it, else one
+ * POST /upload. Returns {promise, abort}; the promise resolves with the upload's answer
+ * ({task_id, training_available, training_unavailable_reason}) or rejects with an ApiError.
+ */
+function sendFile(api, file, params, callbacks) {
+  let current = null;
+  let stopped = false;
+  const stoppedError = () => new api.ApiError(-1, "The upload was stopped.");
+  const resumable = async (tus) => {
+    const token = api.getToken();
+    current = startTusUpload(tus, file, params, {
+      endpoint: api.url("uploads/"),
+      headers: token ? { Authorization: `Bearer ${token}` } : {},
+      ...callbacks,
+    });
+    const taskId = await current.promise;
+    const health = await api.get("health").catch(() => null);
+    const training = health?.training || { available: true };
+    return {
+      task_id: taskId,
+      training_available: training.available,
+      training_unavailable_reason: training.detail,
+    };
+  };
+  const promise = (async () => {
+    const tus = await loadTus(api);
+    if (stopped) throw stoppedError();
+    if (tus) {
+      try {
+        return await resumable(tus);
+      } catch (failure) {
+        if (!tusUnsupported(failure)) {
+          if (failure.status === 401) api.hooks.unauthorized(failure.detail);
+          throw new api.ApiError(failure.status, failure.detail);
+        }
+        if (stopped) throw stoppedError();
+      }
+    }
+    current = api.upload(file, params, callbacks);
+    return current.promise;
+  })();
+  return {
+    promise,
+    abort: () => {
+      stopped = true;
+      current?.abort();
+    },
+  };
+}
 
 const FIELD_IDS = {
   minFrames: "min-frames",
@@ -84,7 +152,7 @@ export function mountUpload(doc, ctx) {
     setBar(barElement, 0, "busy");
     setText(numbers, `0 B of ${fmt.bytes(sending.size)}`);
     let lastQuarter = 0;
-    request = ctx.api.upload(sending, params, {
+    request = sendFile(ctx.api, sending, params, {
       onProgress: ({ loaded, total }) => {
         // Count the file's bytes, not the form's boundaries around them.
         const fraction = total ? Math.min(1, loaded / total) : 0;

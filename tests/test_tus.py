@@ -6,12 +6,16 @@ token of POST /upload."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from test_reliability import padded_video
+from test_web_page import browser, open_page  # noqa: F401 (fixtures for the page test)
 
 import conftest
 from conftest import ServerProcess, wait_status
@@ -45,6 +50,12 @@ def create_app(settings=None):
         tus.install(app)
     if not getattr(app.state, "idempotency", None):
         idempotency.install(app)
+    if not any(getattr(r, "path", None) == "/vendor/tus-js-client" for r in app.routes):
+        from fastapi.staticfiles import StaticFiles
+
+        folder = ts.HERE / "node_modules" / "tus-js-client" / "dist"
+        if folder.is_dir():
+            app.mount("/vendor/tus-js-client", StaticFiles(directory=folder), name="tus")
     return app
 
 
@@ -259,6 +270,37 @@ def test_an_abandoned_upload_expires_and_leaves_nothing(start_tus_server, tmp_pa
     assert [p.name for p in (server.root / "temp_workspace").iterdir()] == ["uploads"]
 
 
+def test_a_resuming_client_takes_over_from_a_silent_connection(start_tus_server, tmp_path):
+    """The first client's connection stays open but sends nothing (a phone that lost its
+    network: no FIN, no RST); a new client resumes at once instead of waiting for it."""
+    server = start_tus_server()
+    video = padded_video(tmp_path / "silent.mp4", 8 * 1024 * 1024)
+    size = video.stat().st_size
+    work = tmp_path / "client"
+    work.mkdir()
+    silent = run_client(server, video, work, stall=size // 2)
+    try:
+        wait_until(lambda: sent(work) >= size // 2, 30, "half of the video sent")
+        upload_id = (work / "state").read_text().rsplit("/", 1)[-1]
+        data = uploads_dir(server) / upload_id / "data"
+        wait_until(lambda: data.stat().st_size >= size // 3, 30, "the server writing")
+        started = time.monotonic()
+        second = run_client(server, video, work)
+        out, _ = second.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        silent.send_signal(signal.SIGKILL)
+        silent.wait(10)
+        silent.stdout.close()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[0]["resumed_from"] >= size // 3
+    assert lines[-1]["status"] == 204, lines
+    assert took < 8, f"the resume waited {took:.1f} s for the silent connection"
+    task_id = lines[-1]["headers"]["upload-task-id"]
+    assert sha256(server.root / "temp_workspace" / task_id / "input.mp4") == sha256(video)
+    assert "another request took over" in server.output()
+
+
 def test_the_protocol_refuses_what_it_must(start_tus_server, tmp_path):
     server = start_tus_server(api_token="s3cret", max_upload_bytes=1_000_000)
     with server.client() as client:
@@ -354,3 +396,94 @@ def test_creation_counts_the_disk_that_unfinished_uploads_hold(start_tus_server,
         assert client.delete(first.headers["location"], headers=TUS).status_code == 204
         third = client.post("/uploads/", headers={**TUS, "Upload-Length": "200000000"})
         assert third.status_code == 201
+
+
+# -- the page ---------------------------------------------------------------------------------
+
+TUS_INSTALLED = (conftest.REPO / "node_modules" / "tus-js-client" / "dist").is_dir()
+
+
+class CuttableProxy:
+    """A TCP proxy on loopback in front of the server whose connections can all be cut at
+    once: a real dropped connection for the browser."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.open: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self.lock:
+                self.open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        """End every connection now open, both ways, at once."""
+        with self.lock:
+            sockets, self.open = self.open, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv()
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+@pytest.mark.browser
+def test_the_page_resumes_an_upload_after_the_connection_drops(start_tus_server, request, tmp_path):
+    """The page sends with tus-js-client; every connection is cut at about 40 %: the upload
+    goes on from where the server's copy stopped, and one task has the whole video."""
+    if not TUS_INSTALLED:
+        pytest.fail("tus-js-client is not installed (npm ci)")
+    from playwright.sync_api import expect
+    from test_web_page import throttle_upload
+
+    video = padded_video(tmp_path / "walk.mp4", 3 * 1024 * 1024)
+    server = start_tus_server()
+    proxy = CuttableProxy(server.port)
+    try:
+        page = request.getfixturevalue("open_page")(proxy)
+        throttle_upload(page, 400_000)
+        page.set_input_files("#file-input", video)
+        page.get_by_role("button", name="Upload and start").click()
+        bar = page.locator("#upload-bar")
+        wait_until(lambda: float(bar.get_attribute("aria-valuenow") or 0) >= 40, 30, "40 % sent")
+        proxy.cut()
+        throttle_upload(page, 4_000_000)
+        expect(page.locator("#upload-progress")).to_be_hidden(timeout=60_000)
+        expect(page.locator("#upload-error")).to_be_hidden()
+    finally:
+        proxy.close()
+    with server.client() as client:
+        tasks = client.get("/tasks").json()
+        assert tasks["total"] == 1
+        task_id = tasks["tasks"][0]
+        assert client.get(f"/status/{task_id}").json()["original_filename"] == "walk.mp4"
+    assert sha256(server.root / "temp_workspace" / task_id / "input.mp4") == sha256(video)
+    log = server.output()
+    assert log.count('POST /uploads/ HTTP/1.1" 201') == 1
+    assert "HEAD /uploads/" in log  # where to go on from, asked after the drop
+    assert "POST /upload HTTP" not in log
