@@ -35,7 +35,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
+import training_server_metrics
 import training_server_state as state
+import training_server_webhooks
 from training_server_db import Database, DatabaseDamagedError, TaskNotFoundError, check_integrity
 from training_server_deps import (
     SESSION_COOKIE,
@@ -315,6 +317,8 @@ def create_app(settings: ServerConfig | None = None) -> FastAPI:
     for url, folder in vendor.items():
         if (HERE / "node_modules" / folder).is_dir():
             app.mount(url, StaticFiles(directory=HERE / "node_modules" / folder), name=url)
+    training_server_webhooks.install(app)
+    training_server_metrics.install(app)  # /metrics checks the token itself (public setting)
     return app
 
 

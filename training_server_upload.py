@@ -38,6 +38,7 @@ from training_server_models import (
 )
 from training_server_process import run_captured
 from training_server_utils import human_bytes, readable_errors
+from training_server_webhooks import check_webhook_url
 
 FILE_FIELD = "file"
 MAX_FIELDS = 16
@@ -332,6 +333,7 @@ def upload_params(
         upload = UploadParams.model_validate(data)
     except ValidationError as exc:
         raise UnprocessableError(readable_errors(list(exc.errors()))) from None
+    check_webhook_url(settings, upload.webhook_url)
     max_frames = upload.max_frames or max(settings.default_max_frames, upload.min_frames or 0)
     min_frames = upload.min_frames or min(settings.default_min_frames, max_frames)
     if min_frames > max_frames:

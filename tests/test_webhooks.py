@@ -5,9 +5,6 @@ at the bound (saying so in /status), and per-task URLs only for allowed hosts (4
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,71 +12,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from conftest import REPO, ServerProcess, settings_env, upload, wait_for, wait_status
+from conftest import ServerProcess, settings_env, upload, wait_for, wait_status
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-# training_server.main with the webhook service and /metrics installed (and the upload's
-# webhook_url check), as create_app and upload_params will do once wired; both installs are
-# idempotent, so this keeps working after that.
-LAUNCH = """
-import sys
-import training_server as t, training_server_routes as r
-import training_server_webhooks as w, training_server_metrics as m
-create, params = t.create_app, r.upload_params
-def checked(settings, query, form):
-    found = params(settings, query, form)
-    w.check_webhook_url(settings, found[0].webhook_url)
-    return found
-r.upload_params = checked
-t.create_app = lambda settings=None: m.install(w.install(create(settings)))
-t.main(sys.argv[1:])
-"""
-
-
-class WiredServer(ServerProcess):
-    """A real server process (uvicorn on loopback) started through LAUNCH."""
-
-    def start(self, timeout: float = 30) -> WiredServer:
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("TRAINING_SERVER_")}
-        quick = {"FAKE_PIPELINE_SECONDS": "0.5", "FAKE_TRAINER_STEP_SECONDS": "0.004"}
-        env = {**quick, **inherited, **self.env, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = str(REPO)
-        out = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=self.root,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.output()}")
-            try:
-                response = httpx.get(f"{self.url}/health", headers=self.auth_headers(), timeout=1)
-                if response.status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server did not start:\n{self.output()}")
 
 
 @pytest.fixture
 def wired(tmp_path: Path) -> Iterator[Any]:
-    """`wired(extra_env=None, **settings)` starts a WiredServer on tmp_path; all are killed."""
+    """`wired(extra_env=None, **settings)` starts a real server (training_server.py, with the
+    webhook service and /metrics) on tmp_path; all are killed."""
     servers: list[ServerProcess] = []
 
-    def start(extra_env: dict[str, str] | None = None, **settings: Any) -> WiredServer:
-        server = WiredServer(tmp_path, {**settings_env(tmp_path, **settings), **(extra_env or {})})
+    def start(extra_env: dict[str, str] | None = None, **settings: Any) -> ServerProcess:
+        server = ServerProcess(
+            tmp_path, {**settings_env(tmp_path, **settings), **(extra_env or {})}
+        )
         servers.append(server)
         return server.start()
 
