@@ -301,6 +301,46 @@ def test_a_resuming_client_takes_over_from_a_silent_connection(start_tus_server,
     assert "another request took over" in server.output()
 
 
+def test_an_upload_resumes_across_a_server_restart(start_tus_server, tmp_path):
+    """The server is killed while the client is cut off at half; the restarted server still
+    knows the upload (its state is on disk), reserves its disk again, and the client goes on."""
+    server = start_tus_server(max_concurrent_uploads=1)
+    video = padded_video(tmp_path / "restart.mp4", 8 * 1024 * 1024)
+    size = video.stat().st_size
+    work = tmp_path / "client"
+    work.mkdir()
+    first = run_client(server, video, work, stall=size // 2)
+    try:
+        wait_until(lambda: sent(work) >= size // 2, 30, "half of the video sent")
+        upload_id = (work / "state").read_text().rsplit("/", 1)[-1]
+        data = uploads_dir(server) / upload_id / "data"
+        wait_until(lambda: data.stat().st_size >= size // 3, 30, "the server writing")
+        # One resumable upload at a time here: a second PATCH meanwhile is 503.
+        with server.client() as client:
+            other = client.post("/uploads/", headers={**TUS, "Upload-Length": "10"})
+            busy = client.patch(
+                other.headers["location"],
+                content=b"0123456789",
+                headers={**TUS, "Upload-Offset": "0", "Content-Type": OFFSET_TYPE},
+            )
+            assert busy.status_code == 503
+            assert busy.headers["retry-after"]
+            client.delete(other.headers["location"], headers=TUS)
+        server.kill()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        first.stdout.close()
+    server.start()
+    second = run_client(server, video, work)
+    out, _ = second.communicate(timeout=60)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[0]["resumed_from"] >= size // 3
+    assert lines[-1]["status"] == 204, lines
+    task_id = lines[-1]["headers"]["upload-task-id"]
+    assert sha256(server.root / "temp_workspace" / task_id / "input.mp4") == sha256(video)
+
+
 def test_the_protocol_refuses_what_it_must(start_tus_server, tmp_path):
     server = start_tus_server(api_token="s3cret", max_upload_bytes=1_000_000)
     with server.client() as client:
