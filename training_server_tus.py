@@ -439,7 +439,9 @@ async def patch(
         raise BadRequestError("Send Upload-Offset: where these bytes start.")
     declared = _int_header(request, "content-length")
     await store.get(upload_id)
-    if store.writing >= settings.max_concurrent_uploads:
+    lock = store.locks.get(upload_id)
+    taking_over = lock is not None and lock.locked()  # it replaces the request that holds it
+    if store.writing >= settings.max_concurrent_uploads and not taking_over:
         raise ServiceUnavailableError(
             f"The server is receiving {store.writing} resumable uploads, its limit "
             f"(TRAINING_SERVER_MAX_CONCURRENT_UPLOADS); try again in a moment.",

@@ -273,7 +273,7 @@ def test_an_abandoned_upload_expires_and_leaves_nothing(start_tus_server, tmp_pa
 def test_a_resuming_client_takes_over_from_a_silent_connection(start_tus_server, tmp_path):
     """The first client's connection stays open but sends nothing (a phone that lost its
     network: no FIN, no RST); a new client resumes at once instead of waiting for it."""
-    server = start_tus_server()
+    server = start_tus_server(max_concurrent_uploads=1)  # the resume replaces, not adds
     video = padded_video(tmp_path / "silent.mp4", 8 * 1024 * 1024)
     size = video.stat().st_size
     work = tmp_path / "client"
