@@ -277,6 +277,20 @@ def quality_gate(
         )
 
 
+def inconsistent_path_message(path: Any, max_jump: float) -> str:
+    """Why a camera path with a weakly connected jump is refused, with the numbers measured."""
+    jump = path.weakest_jump(max_jump)
+    if jump is None:  # not measured step by step: the largest step
+        jump = (path.jump_ratio, path.jump_link or 0, path.jump_link_ratio or 0.0)
+    ratio, link, share = jump
+    return (
+        f"The camera path found is inconsistent: it jumps between neighbouring frames "
+        f"({ratio:.0f} times the usual step) and only {link} 3D points join the two sides "
+        f"({100 * share:.0f} % of the usual), so part of the scene would be misplaced. Film "
+        "again more slowly and steadily, keeping the subject in view."
+    )
+
+
 def parallax_check(frames_dir: Path, names: list[str]) -> Any:
     """The parallax pre-check (pipeline.parallax) on the kept frames, in video order."""
     from pipeline import parallax
@@ -456,12 +470,9 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
                 db, frames_dir, colmap_dir / "sparse_retry", n, required, retry, progress("mapping")
             )
         stats, path = judge(models)
-        if path.jump_ratio > args.max_path_jump:
+        if path.misplaced(args.max_path_jump):
             raise GateError(
-                "inconsistent_path",
-                f"The camera path found is inconsistent: it jumps between neighbouring frames "
-                f"({path.jump_ratio:.0f} times the usual step), so part of the scene would be "
-                "misplaced. Film again more slowly and steadily, keeping the subject in view.",
+                "inconsistent_path", inconsistent_path_message(path, args.max_path_jump)
             )
         if path.suspicious(args.max_path_jump):
             warnings.append(
@@ -525,6 +536,7 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
         "path_jump_ratio": round(path.jump_ratio, 2),
         "weakest_link_points": path.weakest_link,
         "weakest_link_ratio": round(path.weakest_link_ratio, 3),
+        "jump_link_points": path.jump_link,
         "parallax_verdict": parallax.verdict,
         "parallax_seconds": round(parallax.seconds, 2),
         "retried_with_exhaustive": retried,

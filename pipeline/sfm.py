@@ -12,7 +12,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -357,49 +357,168 @@ class PathCheck:
     jump_ratio: float  # largest step over the median step around it
     weakest_link: int  # fewest 3D points seen on both sides of a cut between neighbours
     weakest_link_ratio: float  # that over the median cut
+    # Points seen in the LINK_WINDOW frames on both sides of the largest step (observations
+    # that reproject within LINK_MAX_ERROR_PX only), and that over the median of the same
+    # count at every cut; None: not measured.
+    jump_link: int | None = None
+    jump_link_ratio: float | None = None
+    # Every step: (frame position before it, its jump ratio, points joining it, that over
+    # the median); empty: not measured.
+    steps: list[tuple[int, float, int, float]] = field(default_factory=list, repr=False)
+
+    def jump_is_weak(self, min_link_ratio: float = 0.1, min_link_points: int = 15) -> bool:
+        """Whether few points join the two sides of the largest step: a misplaced block, not a
+        fast move (unknown counts as weak)."""
+        if self.jump_link is None or self.jump_link_ratio is None:
+            return True
+        return self.jump_link_ratio < min_link_ratio or self.jump_link < min_link_points
+
+    def misplaced(
+        self, max_jump: float, min_link_ratio: float = 0.1, min_link_points: int = 15
+    ) -> bool:
+        """Whether the path jumps and the jump is weakly connected: a block of frames placed
+        in the wrong spot. A large step that many points cross is a fast move (or frames
+        dropped from the video), which the model measured."""
+        if max_jump <= 0:
+            return False
+        if self.steps:
+            return any(
+                ratio > max_jump and (share < min_link_ratio or link < min_link_points)
+                for _, ratio, link, share in self.steps
+            )
+        return self.jump_ratio > max_jump and self.jump_is_weak(min_link_ratio, min_link_points)
+
+    def weakest_jump(self, max_jump: float) -> tuple[float, int, float] | None:
+        """The step above `max_jump` with the fewest points joining it: (ratio, points,
+        share of the median)."""
+        jumps = [(share, ratio, link) for _, ratio, link, share in self.steps if ratio > max_jump]
+        if not jumps:
+            return None
+        share, ratio, link = min(jumps)
+        return ratio, link, share
 
     def suspicious(
         self, max_jump: float, min_link_ratio: float = 0.1, min_link_points: int = 15
     ) -> bool:
         """Whether the model looks like a block of frames placed in the wrong spot."""
         weak = self.weakest_link_ratio < min_link_ratio or self.weakest_link < min_link_points
-        return max_jump > 0 and (self.jump_ratio > max_jump or weak)
+        weak = weak or any(
+            share < min_link_ratio or link < min_link_points for _, _, link, share in self.steps
+        )
+        return max_jump > 0 and (self.misplaced(max_jump, min_link_ratio, min_link_points) or weak)
 
 
-def jump_ratio(centres: list[np.ndarray | None], window: int = 5) -> float:
-    """Largest step between neighbouring registered frames (per frame of gap) relative to the
-    median step around it. A video's camera path is smooth; a misplaced block jumps."""
+# Observations that reproject farther than this do not join two parts of a path: the mapper
+# keeps observations within 2 px, so this only drops those of cameras placed elsewhere.
+LINK_MAX_ERROR_PX = 4.0
+# Frames on each side of a cut whose points count as joining it.
+LINK_WINDOW = 3
+
+
+def step_ratios(centres: list[np.ndarray | None], window: int = 5) -> dict[int, float]:
+    """Each step between neighbouring registered frames (per frame of gap) relative to the
+    median step around it, keyed by the frame position where the step starts."""
     reg = [(k, c) for k, c in enumerate(centres) if c is not None]
     if len(reg) < 4:
-        return 0.0
+        return {}
     steps = np.array(
         [np.linalg.norm(b[1] - a[1]) / (b[0] - a[0]) for a, b in itertools.pairwise(reg)]
     )
-    worst = 0.0
+    ratios = {}
     for k, step in enumerate(steps):
         lo, hi = max(0, k - window), min(len(steps), k + window + 1)
         around = np.delete(steps[lo:hi], k - lo)
         ref = float(np.median(around)) if len(around) else 0.0
         if ref > 0:
-            worst = max(worst, float(step) / ref)
-    return worst
+            ratios[reg[k][0]] = float(step) / ref
+    return ratios
+
+
+def largest_jump(centres: list[np.ndarray | None], window: int = 5) -> tuple[float, int]:
+    """Largest step between neighbouring registered frames (per frame of gap) relative to the
+    median step around it, and the frame position where that step starts (-1: none)."""
+    ratios = step_ratios(centres, window)
+    if not ratios:
+        return 0.0, -1
+    at = max(ratios, key=lambda k: ratios[k])
+    return ratios[at], at
+
+
+def jump_ratio(centres: list[np.ndarray | None], window: int = 5) -> float:
+    """Largest step between neighbouring registered frames (per frame of gap) relative to the
+    median step around it. A video's camera path is smooth; a misplaced block jumps."""
+    return largest_jump(centres, window)[0]
+
+
+def cut_links(tracks: list[tuple[int, int]], registered: list[int]) -> dict[int, int]:
+    """Points whose track spans each cut between neighbouring registered frames, by the
+    position of the frame before the cut. `tracks` holds each point's first and last frame."""
+    order = sorted(registered)
+    diff = np.zeros(max(order) + 2) if order else np.zeros(1)
+    for first, last in tracks:
+        diff[first] += 1
+        diff[last] -= 1
+    spanning = np.cumsum(diff)
+    return {a: int(spanning[a]) for a in order[:-1]}
 
 
 def weakest_link(tracks: list[tuple[int, int]], registered: list[int]) -> tuple[int, float]:
     """Fewest points whose track spans a cut between neighbouring registered frames, and that
     over the median cut. `tracks` holds each point's first and last frame position. Frames
     placed wrongly as a block share almost no points with the rest: a weak link."""
-    order = sorted(registered)
-    if len(order) < 3:
+    if len(registered) < 3:
         return 0, 1.0
-    diff = np.zeros(max(order) + 2)
-    for first, last in tracks:
-        diff[first] += 1
-        diff[last] -= 1
-    spanning = np.cumsum(diff)
-    cuts = np.array([spanning[a] for a in order[:-1]])
+    cuts = np.array(list(cut_links(tracks, registered).values()))
     median = float(np.median(cuts))
     return int(cuts.min()), float(cuts.min() / median) if median > 0 else 0.0
+
+
+def consistent_observations(
+    model: pycolmap.Reconstruction, image_pos: dict[int, int], max_error: float
+) -> dict[int, list[int]]:
+    """Frame positions of each point's observations that reproject within `max_error` pixels
+    (a camera moved away from its points does not join them to the rest)."""
+    seen: dict[int, list[int]] = {}
+    for image_id, pos in image_pos.items():
+        image = model.images[image_id]
+        obs = [p for p in image.points2D if p.has_point3D()]
+        if not obs:
+            continue
+        ids = [p.point3D_id for p in obs]
+        xyz = np.array([model.points3D[i].xyz for i in ids])
+        pose = image.cam_from_world()
+        cam = xyz @ pose.rotation.matrix().T + pose.translation
+        front = cam[:, 2] > 1e-9
+        err = np.full(len(ids), np.inf)
+        if front.any():
+            uv = np.asarray(model.cameras[image.camera_id].img_from_cam(cam[front]))
+            err[front] = np.linalg.norm(uv - np.array([p.xy for p in obs])[front], axis=1)
+        for point_id, e in zip(ids, err, strict=True):
+            if e <= max_error:
+                seen.setdefault(point_id, []).append(pos)
+    return seen
+
+
+def links_across(
+    seen: dict[int, list[int]], registered: list[int], window: int = LINK_WINDOW
+) -> dict[int, int]:
+    """For each cut between neighbouring registered frames (keyed by the position of the frame
+    before it): points observed consistently both in the `window` registered frames before the
+    cut and in the `window` after it. A block of cameras moved away from its points has
+    almost none at its borders, however long the tracks around it are."""
+    order = sorted(registered)
+    if len(order) < 2 or not seen:
+        return {a: 0 for a in order[:-1]}
+    column = {pos: k for k, pos in enumerate(order)}
+    matrix = np.zeros((len(seen), len(order)), bool)
+    for row, positions in enumerate(seen.values()):
+        matrix[row, [column[p] for p in positions]] = True
+    links = {}
+    for k in range(len(order) - 1):
+        before = matrix[:, max(0, k + 1 - window) : k + 1].any(axis=1)
+        after = matrix[:, k + 1 : k + 1 + window].any(axis=1)
+        links[order[k]] = int((before & after).sum())
+    return links
 
 
 def check_path(model: pycolmap.Reconstruction, names: list[str]) -> PathCheck:
@@ -410,13 +529,28 @@ def check_path(model: pycolmap.Reconstruction, names: list[str]) -> PathCheck:
     for im in model.images.values():
         if im.has_pose:
             centres[position[im.name]] = im.projection_center()
-    tracks = []
-    for point in model.points3D.values():
-        ks = [image_pos[e.image_id] for e in point.track.elements if e.image_id in image_pos]
-        if ks:
-            tracks.append((min(ks), max(ks)))
-    link, link_ratio = weakest_link(tracks, list(image_pos.values()))
-    return PathCheck(jump_ratio(centres), link, link_ratio)
+    seen = consistent_observations(model, image_pos, LINK_MAX_ERROR_PX)
+    tracks = [(min(ks), max(ks)) for ks in seen.values()]
+    registered = list(image_pos.values())
+    link, link_ratio = weakest_link(tracks, registered)
+    ratio, at = largest_jump(centres)
+    links = links_across(seen, registered)
+    jump_link: int | None = None
+    jump_link_ratio: float | None = None
+    # Every step: (frame position before it, its jump ratio, points joining it, that over
+    # the median); empty: not measured.
+    steps: list[tuple[int, float, int, float]] = field(default_factory=list, repr=False)
+    median = float(np.median(list(links.values()))) if links else 0.0
+
+    def share(count: int) -> float:
+        return count / median if median > 0 else 0.0
+
+    if at in links:
+        jump_link, jump_link_ratio = links[at], share(links[at])
+    steps = [
+        (k, r, links[k], share(links[k])) for k, r in step_ratios(centres).items() if k in links
+    ]
+    return PathCheck(ratio, link, link_ratio, jump_link, jump_link_ratio, steps)
 
 
 def camera_info(camera: pycolmap.Camera) -> dict[str, Any]:
