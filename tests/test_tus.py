@@ -433,6 +433,11 @@ def test_creation_counts_the_disk_that_unfinished_uploads_hold(start_tus_server,
         second = client.post("/uploads/", headers={**TUS, "Upload-Length": "200000000"})
         assert second.status_code == 507
         assert "promised" in second.json()["detail"]
+    server.kill()
+    server.start()  # the unfinished upload, found on disk, holds its disk again
+    with server.client() as client:
+        again = client.post("/uploads/", headers={**TUS, "Upload-Length": "200000000"})
+        assert again.status_code == 507
         assert client.delete(first.headers["location"], headers=TUS).status_code == 204
         third = client.post("/uploads/", headers={**TUS, "Upload-Length": "200000000"})
         assert third.status_code == 201
