@@ -261,11 +261,11 @@ class RayExecutor:
             info = await self.call("get_job_info", job)
             with contextlib.suppress(Exception):
                 await self.call("delete_job", job)
-        except ClusterUnreachableError as exc:
-            self.storage_problem = f"the shared storage is not checked yet ({exc})"
-            return self.storage_problem
         except OSError as exc:
             self.storage_problem = f"the temp folder {self.temp_dir} cannot be written: {exc}"
+            return self.storage_problem
+        except Exception as exc:  # unreachable, or not ready ("No available agent ...")
+            self.storage_problem = f"the shared storage is not checked yet ({exc})"
             return self.storage_problem
         if status == "SUCCEEDED":
             self.storage_problem = None
@@ -300,6 +300,15 @@ class RayExecutor:
         env[TASK_MARKER] = command.task_id
         env["RAY_JOB_STOP_WAIT_TIME_S"] = str(max(1, math.ceil(self.kill_grace)))
         ref = self.planned_ref(command)
+        try:
+            await self._submit(command, ref, need, env)
+        except Exception as exc:  # not submitted: it waits and runs again (counted)
+            raise RunLostError(f"the job could not be submitted: {exc}") from exc
+        return self._handle(ref, command.stage)
+
+    async def _submit(
+        self, command: StageCommand, ref: Ref, need: dict[str, float], env: dict[str, str]
+    ) -> None:
         await self.call(
             "submit_job",
             entrypoint=self.entrypoint(command),
@@ -309,7 +318,6 @@ class RayExecutor:
             runtime_env={"env_vars": env},
             metadata={"task_id": command.task_id, "stage": command.stage.value},
         )
-        return self._handle(ref, command.stage)
 
     def _handle(self, ref: Ref, stage: Stage) -> RayHandle:
         handle = RayHandle(self, dict(ref), stage)
@@ -379,7 +387,8 @@ class RayHandle:
                     skip = max(0, min(len(chunk), self._delivered - seen))
                     seen += len(chunk)
                     self._deliver(chunk[skip:])
-                return
+                if self._returncode is None:
+                    await asyncio.sleep(1.0)  # the stream ended early: follow it again
             except asyncio.CancelledError:
                 raise
             except Exception:

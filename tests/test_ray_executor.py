@@ -1,0 +1,379 @@
+"""The Ray executor against a real Ray cluster on loopback (no GPUs needed: the nodes say they
+have one each): trainings spread over the nodes, cancel, a restarted server reattaching, a
+lost node, the cluster away and back, and storage that is not shared."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    ServerProcess,
+    free_port,
+    settings_env,
+    upload,
+    wait_for,
+    wait_status,
+)
+
+ray = pytest.importorskip("ray")
+from ray.job_submission import JobSubmissionClient  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = REPO / ".venv" / "bin" / "ray"
+MARKER = "TRAINING_SERVER_TASK_ID"
+pytestmark = pytest.mark.timeout(300)
+
+
+class Cluster:
+    """A head (no GPU) and two worker nodes (one "GPU" each), started with `ray start`;
+    stopped by killing the processes that carry its temp dir or its port."""
+
+    def __init__(self, root: Path, unshare_over: Path | None = None) -> None:
+        self.root = root
+        # Ray's socket paths must stay under 108 bytes: a short folder of its own.
+        self.temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+        self.port = free_port()
+        self.dashboard = free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard}"
+        self.unshare_over = unshare_over
+        self.env = {
+            **os.environ,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_initial_delay_ms": "1000",
+        }
+
+    def _ray_start(self, args: list[str]) -> None:
+        # Each node on this one machine needs agent ports of its own (the defaults collide).
+        ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                 "--metrics-export-port", "--runtime-env-agent-port"]  # fmt: skip
+        argv = [str(RAY), "start", *args]
+        for flag in ports:
+            argv += [flag, str(free_port())]
+        if self.unshare_over is not None:  # a node whose view of the temp dir is its own
+            where = str(self.unshare_over)
+            script = f'mkdir -p "{where}" && mount -t tmpfs none "{where}" && exec "$@"'
+            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+        subprocess.run(argv, env=self.env, check=True, capture_output=True, timeout=120)
+
+    def start_head(self, gpus: int = 0) -> None:
+        self._ray_start(
+            ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(self.dashboard), "--num-cpus", "2", "--num-gpus", str(gpus),
+             "--object-store-memory", "100000000", "--temp-dir", str(self.temp),
+             "--include-dashboard", "true", "--disable-usage-stats"]
+        )  # fmt: skip
+
+    def add_worker(self) -> None:
+        self._ray_start(
+            ["--address", f"127.0.0.1:{self.port}", "--num-cpus", "1", "--num-gpus", "1",
+             "--object-store-memory", "80000000", "--disable-usage-stats"]
+        )  # fmt: skip
+
+    def wait_nodes(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                nodes = ray_nodes(self.address)
+                if sum(1 for n in nodes if n["raylet"]["state"] == "ALIVE") >= count:
+                    return
+            time.sleep(0.5)
+        raise AssertionError(f"the cluster did not reach {count} nodes")
+
+    def pids(self) -> list[int]:
+        """Processes of this cluster: those naming its temp dir, its GCS port, or a session
+        under its temp dir."""
+        needles = [str(self.temp).encode(), f"127.0.0.1:{self.port}".encode(),
+                   f"--gcs-address=127.0.0.1:{self.port}".encode()]  # fmt: skip
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                cmdline = Path(entry.path, "cmdline").read_bytes()
+                if any(n in cmdline for n in needles):
+                    found.append(int(entry.name))
+        return found
+
+    def stop(self) -> None:
+        for _ in range(3):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def ray_nodes(address: str) -> list[dict[str, Any]]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{address}/nodes?view=summary", timeout=5) as response:
+        return json.loads(response.read())["data"]["summary"]
+
+
+def marked(task_id: str) -> list[int]:
+    needle = f"{MARKER}={task_id}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                stat = Path(entry.path, "stat").read_text()
+                if stat[stat.rfind(")") + 2] != "Z":
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("raycluster")
+    c = Cluster(root)
+    try:
+        c.start_head(gpus=0)
+        c.add_worker()
+        c.add_worker()
+        c.wait_nodes(3)
+        yield c
+    finally:
+        c.stop()
+
+
+def ray_server(
+    root: Path, cluster: Cluster, step_seconds: float, **overrides: Any
+) -> ServerProcess:
+    env = settings_env(
+        root,
+        executor="ray",
+        ray_address=cluster.address,
+        ray_preprocess_cpus=1,
+        ray_training_cpus=0,
+        ray_pass_env=["FAKE_TRAINER_STEP_SECONDS", "FAKE_PIPELINE_SECONDS"],
+        trainer_checkpoint_every=100,
+        **overrides,
+    )
+    env["FAKE_TRAINER_STEP_SECONDS"] = str(step_seconds)
+    env["FAKE_PIPELINE_SECONDS"] = "0.3"
+    return ServerProcess(root, env).start(timeout=60)
+
+
+def step(status: dict[str, Any]) -> int:
+    """The training step a status shows (0 before one)."""
+    progress = status["progress"] or {}
+    return progress.get("current") or 0 if progress.get("step") == "training" else 0
+
+
+def wait_ready(client: Any, timeout: float = 120) -> dict[str, Any]:
+    """/health once the storage probe passed and the cluster answers."""
+    deadline = time.monotonic() + timeout
+    health: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        health = client.get("/health").json()
+        if (
+            health["cluster"]
+            and health["cluster"]["reachable"]
+            and not health["cluster"]["problem"]
+        ):
+            return health
+        time.sleep(0.3)
+    raise AssertionError(f"the cluster never became ready: {health}")
+
+
+def test_two_trainings_spread_over_the_nodes_and_a_third_waits(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    server = ray_server(tmp_path, cluster, step_seconds=0.03)
+    try:
+        with server.client() as client:
+            health = wait_ready(client)
+            assert health["cluster"]["ray_version"] == "2.60.0"
+            assert len(health["cluster"]["nodes"]) == 3
+            assert health["cluster"]["gpus_total"] == 2
+            ids = [upload(client, max_frames=20).json()["task_id"] for _ in range(3)]
+            both = {}
+            waiting = None
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not (len(both) == 2 and waiting):
+                for task_id in ids:
+                    status = client.get(f"/status/{task_id}").json()
+                    if status["status"] == "training" and status["node"]:
+                        both[task_id] = status["node"]
+                    elif status["queued_for"] == "training" and "free GPU" in (
+                        status["message"] or ""
+                    ):
+                        waiting = status["message"]
+                running = [
+                    t for t in ids if client.get(f"/status/{t}").json()["status"] == "training"
+                ]
+                assert len(running) <= 2, "more trainings than GPUs in the cluster"
+                time.sleep(0.2)
+            assert len(both) == 2 and len(set(both.values())) == 2, both
+            assert waiting == "waiting for a free GPU in the cluster (0 of 2 free)"
+            for task_id in ids:
+                done = wait_status(client, task_id, {"training_completed", "failed"}, 180)
+                assert done["status"] == "training_completed", done["error_message"]
+    finally:
+        server.kill()
+
+
+def test_cancel_stops_the_job_and_leaves_no_process(cluster: Cluster, tmp_path: Path) -> None:
+    server = ray_server(tmp_path, cluster, step_seconds=0.05)
+    try:
+        with server.client() as client:
+            wait_ready(client)
+            task_id = upload(client, max_frames=20).json()["task_id"]
+            wait_for(client, task_id, lambda s: s["status"] == "training" and s["node"], 90)
+            wait_for(client, task_id, lambda s: step(s) > 20, 60)
+            assert marked(task_id), "the training process should run on this machine"
+            assert client.post(f"/tasks/{task_id}/cancel").status_code == 200
+            status = wait_status(client, task_id, {"cancelled"}, 60)
+            assert status["end_reason"] == "cancelled"
+            jobs = JobSubmissionClient(cluster.address)
+            assert str(jobs.get_job_status(f"ts-{task_id}-training-1")).endswith("STOPPED")
+            deadline = time.monotonic() + 15
+            while marked(task_id) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert marked(task_id) == []
+    finally:
+        server.kill()
+
+
+def test_restarted_server_reattaches_without_starting_over(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    server = ray_server(tmp_path, cluster, step_seconds=0.04)
+    with server.client() as client:
+        wait_ready(client)
+        task_id = upload(client, max_frames=20).json()["task_id"]
+        wait_for(client, task_id, lambda s: step(s) > 60, 120)
+    server.kill()
+    assert marked(task_id), "the training must survive the API server"
+    time.sleep(1.0)
+    server = ray_server(tmp_path, cluster, step_seconds=0.04)
+    try:
+        with server.client() as client:
+            done = wait_status(client, task_id, {"training_completed", "failed"}, 120)
+            assert done["status"] == "training_completed", done["error_message"]
+            assert done["attempts"] == 1
+            assert done["metadata"]["training"]["resumed_from_step"] is None
+            log = client.get(f"/logs/{task_id}").text
+            assert "reattached after a server restart" in log
+            jobs = JobSubmissionClient(cluster.address)
+            ours = [
+                j
+                for j in jobs.list_jobs()
+                if (j.submission_id or "").startswith(f"ts-{task_id}-training")
+            ]
+            assert [j.submission_id for j in ours] == [f"ts-{task_id}-training-1"]
+    finally:
+        server.kill()
+
+
+def test_lost_node_requeues_and_resumes_from_checkpoint(cluster: Cluster, tmp_path: Path) -> None:
+    server = ray_server(tmp_path, cluster, step_seconds=0.04)
+    try:
+        with server.client() as client:
+            wait_ready(client)
+            task_id = upload(client, max_frames=20).json()["task_id"]
+            status = wait_for(client, task_id, lambda s: step(s) > 130, 120)
+            node_ip = status["node"].split("(")[-1].split(",")[0]
+            info = JobSubmissionClient(cluster.address).get_job_info(f"ts-{task_id}-training-1")
+            victim = next(
+                n
+                for n in ray_nodes(cluster.address)
+                if n["raylet"]["nodeId"] == info.driver_node_id
+            )
+            assert not victim["raylet"]["isHeadNode"] and node_ip
+            port = f"--node_manager_port={victim['raylet']['nodeManagerPort']}"
+            raylet = [p for p in cluster.pids() if port.encode() in _cmdline(p)]
+            assert raylet, "the worker's raylet"
+            # The machine dies: its raylet and everything the training ran.
+            for pid in raylet + marked(task_id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            done = wait_status(client, task_id, {"training_completed", "failed"}, 180)
+            assert done["status"] == "training_completed", done["error_message"]
+            assert done["attempts"] == 2
+            assert done["metadata"]["training"]["resumed_from_step"] >= 100
+            assert "was lost" in client.get(f"/logs/{task_id}").text
+    finally:
+        server.kill()
+        cluster.add_worker()  # the next test has two GPU nodes again
+        cluster.wait_nodes(3)
+
+
+def test_cluster_away_tasks_wait_and_continue(cluster: Cluster, tmp_path: Path) -> None:
+    server = ray_server(tmp_path, cluster, step_seconds=0.01)
+    try:
+        with server.client() as client:
+            wait_ready(client)
+            cluster.stop()
+            deadline = time.monotonic() + 30
+            while client.get("/health").json()["cluster"]["reachable"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.3)
+            health = client.get("/health").json()
+            assert health["status"] == "degraded"
+            assert any("unreachable" in p for p in health["problems"])
+            task_id = upload(client, max_frames=20).json()["task_id"]
+            status = wait_for(client, task_id, lambda s: "Ray cluster" in (s["message"] or ""), 30)
+            assert status["status"] == "pending"
+            time.sleep(3)
+            assert client.get(f"/status/{task_id}").json()["status"] == "pending"
+            cluster.start_head(gpus=0)
+            cluster.add_worker()
+            cluster.add_worker()
+            done = wait_status(client, task_id, {"training_completed", "failed"}, 180)
+            assert done["status"] == "training_completed", done["error_message"]
+    finally:
+        server.kill()
+
+
+def test_storage_not_shared_is_refused(tmp_path: Path) -> None:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root to give a node its own temp dir")
+    temp = tmp_path / "temp_workspace"
+    isolated = Cluster(tmp_path, unshare_over=temp)
+    try:
+        isolated.start_head(gpus=1)
+        server = ray_server(tmp_path, isolated, step_seconds=0.01)
+        try:
+            with server.client() as client:
+                deadline = time.monotonic() + 60
+                problem = None
+                while time.monotonic() < deadline and not problem:
+                    cluster_health = client.get("/health").json()["cluster"]
+                    if "not shared" in (cluster_health["problem"] or ""):
+                        problem = cluster_health["problem"]
+                    time.sleep(0.3)
+                assert problem and str(temp) in problem
+                task_id = upload(client, max_frames=20).json()["task_id"]
+                status = wait_for(client, task_id, lambda s: "not shared" in (s["message"] or ""))
+                assert status["status"] == "pending"
+        finally:
+            server.kill()
+    finally:
+        isolated.stop()
