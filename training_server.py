@@ -48,11 +48,13 @@ from training_server_deps import (
     token_matches,
 )
 from training_server_exports import router as exports_router
+from training_server_idempotency import install as install_idempotency
 from training_server_limits import DiskReservations, UploadLimits, guarded_h11
 from training_server_models import HERE, VERSION, ApiError, ServerConfig, UnauthorizedError
 from training_server_results import router as results_router
 from training_server_routes import router as task_router
 from training_server_tasks import TaskManager
+from training_server_tus import install as install_tus
 from training_server_utils import jsonable_errors, readable_errors
 
 STATIC_DIR = HERE / "static"
@@ -283,16 +285,36 @@ def create_app(settings: ServerConfig | None = None) -> FastAPI:
         max_uploads=settings.max_concurrent_uploads,
         idle_timeout=settings.upload_idle_timeout,
     )
+    # Before CORS, so that CORS stays outermost and replayed answers get its headers too.
+    install_idempotency(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_methods=["GET", "POST", "DELETE", "PATCH", "HEAD"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "Tus-Resumable",
+                "Upload-Length",
+                "Upload-Offset",
+                "Upload-Metadata",
+            ],
+            expose_headers=[
+                "Location",
+                "Upload-Offset",
+                "Upload-Length",
+                "Upload-Expires",
+                "Upload-Task-Id",
+                "Tus-Resumable",
+                "Idempotent-Replayed",
+            ],
         )
     api = APIRouter(dependencies=[Depends(require_token)])
     api.include_router(task_router)
     app.include_router(api)
+    install_tus(app)  # /uploads/ behind the token, and its tus-expiry loop in the lifespan
     app.include_router(results_router)
     app.include_router(exports_router)
 
@@ -313,6 +335,7 @@ def create_app(settings: ServerConfig | None = None) -> FastAPI:
         "/vendor/three/addons": "three/examples/jsm",
         "/vendor/spark": "@sparkjsdev/spark/dist",
         SWAGGER_URL: "swagger-ui-dist",
+        "/vendor/tus-js-client": "tus-js-client/dist",
     }
     for url, folder in vendor.items():
         if (HERE / "node_modules" / folder).is_dir():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_tus import TUS, use_launcher
+from test_tus import TUS
 
 from conftest import OFFICE_VIDEO, STATIC_VIDEO, ServerProcess, wait_status
 
@@ -24,7 +24,6 @@ def start_tus_server(
     start_server: Callable[..., ServerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Callable[..., ServerProcess]:
     """`start_server`, with the app that honours Idempotency-Key and serves /uploads/."""
-    use_launcher(tmp_path, monkeypatch)
     return start_server
 
 

@@ -32,36 +32,6 @@ from conftest import ServerProcess, wait_status
 TUS = {"Tus-Resumable": "1.0.0"}
 OFFSET_TYPE = "application/offset+octet-stream"
 
-# The app with the resumable uploads and Idempotency-Key support installed, for as long as
-# training_server.create_app does not include them itself (then it changes nothing).
-LAUNCHER = """
-import sys
-sys.path.insert(0, {repo!r})
-import training_server as ts
-import training_server_idempotency as idempotency
-import training_server_tus as tus
-
-made = ts.create_app
-
-
-def create_app(settings=None):
-    app = made(settings)
-    if not any(getattr(r, "path", None) == "/uploads/" for r in app.routes):
-        tus.install(app)
-    if not getattr(app.state, "idempotency", None):
-        idempotency.install(app)
-    if not any(getattr(r, "path", None) == "/vendor/tus-js-client" for r in app.routes):
-        from fastapi.staticfiles import StaticFiles
-
-        folder = ts.HERE / "node_modules" / "tus-js-client" / "dist"
-        if folder.is_dir():
-            app.mount("/vendor/tus-js-client", StaticFiles(directory=folder), name="tus")
-    return app
-
-
-ts.create_app = create_app
-ts.main()
-"""
 
 # A tus client, run as its own process: creates the upload (or resumes the one named in
 # STATE with HEAD), then sends the rest in one PATCH, writing the bytes sent to PROGRESS;
@@ -129,19 +99,10 @@ with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
 
 @pytest.fixture
 def start_tus_server(
-    start_server: Callable[..., ServerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start_server: Callable[..., ServerProcess],
 ) -> Iterator[Callable[..., ServerProcess]]:
-    """`start_server`, with the app that serves /uploads/ and honours Idempotency-Key."""
-    use_launcher(tmp_path, monkeypatch)
+    """`start_server` (the app serves /uploads/ and honours Idempotency-Key)."""
     yield start_server
-
-
-def use_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make `start_server` run LAUNCHER (the app with both installed) for this test."""
-    folder = tmp_path / "launcher"
-    folder.mkdir()
-    (folder / "training_server.py").write_text(LAUNCHER.format(repo=str(conftest.REPO)))
-    monkeypatch.setattr(conftest, "REPO", folder)
 
 
 def sha256(path: Path) -> str:
