@@ -47,6 +47,7 @@ class Cluster:
         self.dashboard = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard}"
         self.unshare_over = unshare_over
+        self.node_pids: dict[int, list[int]] = {}  # agent port -> the node's processes
         self.env = {
             **os.environ,
             "RAY_USAGE_STATS_ENABLED": "0",
@@ -60,13 +61,17 @@ class Cluster:
         ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                  "--metrics-export-port", "--runtime-env-agent-port"]  # fmt: skip
         argv = [str(RAY), "start", *args]
-        for flag in ports:
+        agent_port = free_port()
+        argv += ["--dashboard-agent-listen-port", str(agent_port)]
+        for flag in ports[1:]:
             argv += [flag, str(free_port())]
+        before = set(self.pids())
         if self.unshare_over is not None:  # a node whose view of the temp dir is its own
             where = str(self.unshare_over)
             script = f'mkdir -p "{where}" && mount -t tmpfs none "{where}" && exec "$@"'
             argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
         subprocess.run(argv, env=self.env, check=True, capture_output=True, timeout=120)
+        self.node_pids[agent_port] = sorted(set(self.pids()) - before)
 
     def start_head(self, gpus: int = 0) -> None:
         self._ray_start(
@@ -307,11 +312,10 @@ def test_lost_node_requeues_and_resumes_from_checkpoint(cluster: Cluster, tmp_pa
                 if n["raylet"]["nodeId"] == info.driver_node_id
             )
             assert not victim["raylet"]["isHeadNode"] and node_ip
-            port = f"--node_manager_port={victim['raylet']['nodeManagerPort']}"
-            raylet = [p for p in cluster.pids() if port.encode() in _cmdline(p)]
-            assert raylet, "the worker's raylet"
-            # The machine dies: its raylet and everything the training ran.
-            for pid in raylet + marked(task_id):
+            node = cluster.node_pids[int(victim["raylet"]["dashboardAgentListenPort"])]
+            assert node, "the worker's processes"
+            # The machine dies: its Ray processes and everything the training ran.
+            for pid in node + marked(task_id):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             done = wait_status(client, task_id, {"training_completed", "failed"}, 180)
