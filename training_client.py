@@ -18,6 +18,8 @@ goes through `Api`, which calls only the (method, path template) pairs in `ROUTE
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -53,6 +55,9 @@ META_KEY = "training_client.context"
 ROUTES: frozenset[tuple[str, str]] = frozenset(
     {
         ("POST", "/upload"),
+        ("POST", "/uploads/"),
+        ("HEAD", "/uploads/{upload_id}"),
+        ("PATCH", "/uploads/{upload_id}"),
         ("GET", "/status/{task_id}"),
         ("GET", "/tasks"),
         ("POST", "/tasks/{task_id}/cancel"),
@@ -160,10 +165,11 @@ class Api:
     def _url(self, method: str, template: str, task_id: str | None) -> str:
         if (method, template) not in ROUTES:
             raise AssertionError(f"{method} {template} is not one of the client's routes")
-        if "{task_id}" in template:
-            if task_id is None:
-                raise AssertionError(f"{template} needs a task id")
-            return template.replace("{task_id}", httpx.URL(task_id).raw_path.decode())
+        for name in ("{task_id}", "{upload_id}"):
+            if name in template:
+                if task_id is None:
+                    raise AssertionError(f"{template} needs an id")
+                return template.replace(name, httpx.URL(task_id).raw_path.decode())
         return template
 
     def request(
@@ -256,6 +262,103 @@ class MultipartUploader:
             body = ProgressFile(f, on_progress)
             files = {"file": (path.name, body, "application/octet-stream")}
             return self.api.json("POST", "/upload", params=params, files=files, timeout=None)
+
+
+TUS_HEADERS = {"Tus-Resumable": "1.0.0"}
+TUS_CHUNK = 1024 * 1024
+
+
+class TusUploader:
+    """`/uploads/` (tus 1.0), resumable: the upload's id is kept in `state_dir` under a key of
+    the server, the file (path, size, mtime) and the parameters, so a dropped connection is
+    resumed from the server's offset (HEAD) up to `retries` times, and running the same
+    command again after Ctrl-C or a crash goes on where the server's copy stopped."""
+
+    def __init__(self, api: Api, state_dir: Path, retries: int = 5) -> None:
+        self.api = api
+        self.state_dir = state_dir
+        self.retries = retries
+
+    def _state_file(self, path: Path, params: dict[str, str]) -> Path:
+        info = path.stat()
+        key = "|".join(
+            [self.api.server, str(path.resolve()), str(info.st_size), str(info.st_mtime_ns)]
+            + [f"{k}={v}" for k, v in sorted(params.items())]
+        )
+        return self.state_dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".id")
+
+    def _create(self, path: Path, size: int, params: dict[str, str]) -> str:
+        pairs = {"filename": path.name, **params}
+        metadata = ",".join(
+            f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in pairs.items()
+        )
+        headers = {**TUS_HEADERS, "Upload-Length": str(size), "Upload-Metadata": metadata}
+        answer = self.api.request("POST", "/uploads/", headers=headers)
+        return answer.headers["Location"].rstrip("/").rsplit("/", 1)[-1]
+
+    def _offset(self, upload_id: str) -> int | None:
+        try:
+            answer = self.api.request(
+                "HEAD", "/uploads/{upload_id}", upload_id, headers=TUS_HEADERS
+            )
+        except ServerRefused as exc:
+            if exc.http_status in (404, 410):
+                return None  # expired or finished long ago: start again
+            raise
+        return int(answer.headers["Upload-Offset"])
+
+    def _send(
+        self, upload_id: str, path: Path, offset: int, size: int, on_progress: Callable[[int], None]
+    ) -> httpx.Response:
+        def body() -> Iterator[bytes]:
+            sent = offset
+            with path.open("rb") as f:
+                f.seek(offset)
+                while chunk := f.read(TUS_CHUNK):
+                    yield chunk
+                    sent += len(chunk)
+                    on_progress(sent)
+
+        headers = {
+            **TUS_HEADERS,
+            "Upload-Offset": str(offset),
+            "Content-Type": "application/offset+octet-stream",
+            "Content-Length": str(size - offset),
+        }
+        return self.api.request(
+            "PATCH",
+            "/uploads/{upload_id}",
+            upload_id,
+            content=body(),
+            headers=headers,
+            timeout=None,
+        )
+
+    def upload(
+        self, path: Path, params: dict[str, str], on_progress: Callable[[int], None]
+    ) -> dict[str, Any]:
+        """Send (or go on sending) the file; the new task's status, as /status gives it."""
+        size = path.stat().st_size
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = self._state_file(path, params)
+        upload_id = state.read_text().strip() if state.is_file() else None
+        for attempt in range(self.retries + 1):
+            try:
+                offset = self._offset(upload_id) if upload_id else None
+                if upload_id is None or offset is None:
+                    upload_id = self._create(path, size, params)
+                    state.write_text(upload_id)
+                    offset = 0
+                on_progress(offset)
+                answer = self._send(upload_id, path, offset, size, on_progress)
+                break
+            except ServerUnreachable:
+                if attempt == self.retries:
+                    raise
+                time.sleep(min(2**attempt, 10))
+        state.unlink(missing_ok=True)
+        task = self.api.status(answer.headers["Upload-Task-Id"])
+        return {**task, "auto_training": task["params"]["auto_training"]}
 
 
 def upload_params(
@@ -606,6 +709,12 @@ def _check_ended(tasks: Iterable[dict[str, Any]]) -> None:
 @click.option("--no-train", is_flag=True, help="Preprocess only (no training after).")
 @click.option("--wait", is_flag=True, help="Follow the task(s) to the end.")
 @click.option(
+    "--resumable",
+    is_flag=True,
+    help="Upload with tus (/uploads/): a dropped connection, or running the same command "
+    "again, goes on where the server's copy stopped.",
+)
+@click.option(
     "--download",
     "download_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -629,6 +738,7 @@ def submit(
     max_frames: int | None,
     no_train: bool,
     wait: bool,
+    resumable: bool,
     download_dir: Path | None,
     fmt: str,
     server: str,
@@ -652,7 +762,11 @@ def submit(
         _fail(f"--no-train makes a dataset, not a model: --format {fmt} needs training")
     state = _setup(ctx, server, token, as_json)
     params = upload_params(preset, iterations, max_frames, no_train)
-    uploader: Uploader = MultipartUploader(state.api)
+    uploader: Uploader = (
+        TusUploader(state.api, Path(click.get_app_dir("gs-training-client")) / "uploads")
+        if resumable
+        else MultipartUploader(state.api)
+    )
     answers = []
     for path in files:
         answer = upload_with_bar(uploader, path, params, quiet=as_json)

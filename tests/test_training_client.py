@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from test_reliability import padded_video
 
 import training_client
 from conftest import (
@@ -36,10 +37,17 @@ ACCESS_LINE = re.compile(r'"(GET|POST|PUT|PATCH|DELETE|HEAD) (\S+) HTTP/1\.1"')
 
 
 def run_cli(
-    *args: str, server: str | None = None, token: str | None = None, timeout: float = 120
+    *args: str,
+    server: str | None = None,
+    token: str | None = None,
+    timeout: float = 120,
+    config_home: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m training_client ARGS` with the server and token in its environment."""
+    """`python -m training_client ARGS` with the server and token in its environment (and
+    `config_home` as where it keeps the state of resumable uploads)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINING_SERVER_")}
+    if config_home is not None:
+        env["XDG_CONFIG_HOME"] = str(config_home)
     if server:
         env["TRAINING_SERVER_URL"] = server
     if token:
@@ -287,6 +295,59 @@ def test_wait_survives_a_server_restart(tmp_path: Path, monkeypatch: pytest.Monk
 # --- the OpenAPI schema as the contract ------------------------------------------------------
 
 
+class Interrupted(Exception):
+    """Raised from the progress callback to cut an upload off mid-stream."""
+
+
+def interrupted_then_resumed(server: ServerProcess, tmp_path: Path) -> tuple[str, Path]:
+    """A 40 MB resumable upload cut off at about 40 % by the client's own code (the
+    connection drops mid-PATCH), then `submit --resumable` run again with the same state:
+    it asks the server for the offset (HEAD) and sends only the rest. Returns the task id
+    and the video."""
+    video = padded_video(tmp_path / "big.mp4", 40 * 1024 * 1024)
+    config = tmp_path / "config"
+    state_dir = config / "gs-training-client" / "uploads"
+    params = training_client.upload_params(None, None, None, no_train=True)
+
+    def cut(sent: int) -> None:
+        if sent > 16 * 1024 * 1024:
+            raise Interrupted
+
+    api = training_client.Api(server.url, None)
+    try:
+        with pytest.raises(Interrupted):
+            training_client.TusUploader(api, state_dir).upload(video, params, cut)
+    finally:
+        api.close()
+    (state,) = state_dir.glob("*.id")  # kept for the resume
+    head = httpx.head(
+        f"{server.url}/uploads/{state.read_text().strip()}", headers={"Tus-Resumable": "1.0.0"}
+    )
+    offset = int(head.headers["Upload-Offset"])
+    assert 0 < offset < video.stat().st_size, offset  # the server kept what it got
+    done = run_cli(
+        "submit", str(video), "--resumable", "--no-train", "--wait", "--json",
+        server=server.url, config_home=config,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    task = json_out(done)["tasks"][0]
+    assert task["status"] == "preprocessing_completed"
+    assert not list(state_dir.glob("*.id"))  # forgotten once the task exists
+    return task["task_id"], video
+
+
+def test_a_resumable_submit_goes_on_where_the_server_copy_stopped(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    log_start = len(server.output())
+    task_id, video = interrupted_then_resumed(server, tmp_path)
+    requests = ACCESS_LINE.findall(server.output()[log_start:])
+    # One HEAD by the test (the offset kept), one by the resuming client.
+    assert [m for m, t in requests if t.startswith("/uploads/")].count("HEAD") == 2
+    stored = next((server.root / "temp_workspace" / task_id).glob("input.*"))
+    assert stored.read_bytes() == video.read_bytes()
+
+
 def declared_operations(schema: dict[str, Any]) -> set[tuple[str, str]]:
     """(METHOD, path template) of every operation the schema declares."""
     return {(m.upper(), p) for p, ops in schema["paths"].items() for m in ops}
@@ -335,6 +396,7 @@ def test_cli_calls_only_what_the_schema_declares(server: ServerProcess, tmp_path
     ):
         result = run_cli(*args, server=url)
         assert result.returncode in (0, 3), (args, result.stderr)
+    interrupted_then_resumed(server, tmp_path)  # the resumable upload's routes
 
     requests = ACCESS_LINE.findall(server.output()[log_start:])
     templates = {p for _, p in declared}
