@@ -25,17 +25,21 @@ from pathlib import Path
 import api
 import download
 import end_to_end
+import first_splats
 import preprocess_vs_original
+import spz
 import upload
 from common import REPO, RESULTS, Section, log, machine_info
 
-SECTIONS = ("upload", "api", "download", "preprocess", "end_to_end")
+SECTIONS = ("upload", "api", "download", "preprocess", "end_to_end", "spz", "first_splats")
 MODULES = {
     "upload": upload,
     "api": api,
     "download": download,
     "preprocess": preprocess_vs_original,
     "end_to_end": end_to_end,
+    "spz": spz,
+    "first_splats": first_splats,
 }
 
 
@@ -52,6 +56,8 @@ def plan(args: argparse.Namespace) -> dict[str, Callable[[], Section]]:
             repeats, videos, args.long_run, args.original_timeout
         ),
         "end_to_end": lambda: end_to_end.run(repeats),
+        "spz": lambda: spz.run(repeats, 200_000 if quick else 1_000_000),
+        "first_splats": lambda: first_splats.run(repeats, 200_000 if quick else 1_000_000),
     }
 
 
