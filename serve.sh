@@ -13,6 +13,13 @@ if [ ! -f "$stamp" ] || ! cmp -s requirements.txt "$stamp"; then
     .venv/bin/python -m pip install --quiet -r requirements.txt
     cp requirements.txt "$stamp"
 fi
+# Ray (requirements-ray.txt) only when the stages run on a Ray cluster (TRAINING_SERVER_EXECUTOR=ray,
+# from the environment or .env).
+executor=${TRAINING_SERVER_EXECUTOR:-$(sed -n 's/^TRAINING_SERVER_EXECUTOR=//p' .env 2>/dev/null | tail -n 1)}
+if [ "$(echo "$executor" | tr -d "\"' ")" = ray ] && ! cmp -s requirements-ray.txt .venv/.installed-ray; then
+    .venv/bin/python -m pip install --quiet -r requirements-ray.txt
+    cp requirements-ray.txt .venv/.installed-ray
+fi
 # The in-page 3D viewers (three.js, Spark) come from npm; the page works without them.
 if [ -f package-lock.json ] && command -v npm >/dev/null 2>&1; then
     if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then

@@ -12,6 +12,7 @@ if [ ! -f "$stamp" ] || ! cat requirements.txt requirements-dev.txt | cmp -s - "
     .venv/bin/python -m pip install --quiet -r requirements-dev.txt
     cat requirements.txt requirements-dev.txt > "$stamp"
 fi
+cmp -s requirements-ray.txt .venv/.installed-ray || { .venv/bin/python -m pip install --quiet -r requirements-ray.txt && cp requirements-ray.txt .venv/.installed-ray; }  # the Ray executor's tests
 if [ -f package-lock.json ]; then
     if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then
         npm ci --no-audit --no-fund --loglevel=error
