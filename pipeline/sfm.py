@@ -218,7 +218,8 @@ class PairStats:
     neighbours: int
     neighbours_verified: int
     verified_pairs: int
-    rotation_only_fraction: float
+    rotation_only_fraction: float  # verified pairs that a homography explains (no parallax)
+    median_features: int = 0  # SIFT features per frame (median): how textured the frames are
 
 
 def pair_stats(db: Path, names: list[str], min_inliers: int = 30) -> PairStats:
@@ -226,6 +227,7 @@ def pair_stats(db: Path, names: list[str], min_inliers: int = 30) -> PairStats:
     database = pycolmap.Database.open(db)
     try:
         ids = {im.image_id: im.name for im in database.read_all_images()}
+        features = [database.read_keypoints(i).shape[0] for i in ids]
         pair_ids, geometries = database.read_two_view_geometries()
     finally:
         database.close()
@@ -251,6 +253,7 @@ def pair_stats(db: Path, names: list[str], min_inliers: int = 30) -> PairStats:
         neighbours_verified=neighbours_ok,
         verified_pairs=len(inliers),
         rotation_only_fraction=rotation_only / len(inliers) if inliers else 0.0,
+        median_features=int(np.median(features)) if features else 0,
     )
 
 
@@ -283,7 +286,14 @@ def run_mapping(
         for k, model in enumerate(models):
             (out_dir / str(k)).mkdir()
             model.write(out_dir / str(k))
-    ranked = sorted(models, key=lambda r: (r.num_reg_images(), r.num_points3D()), reverse=True)
+    # A model without 3D points cannot be trained on, however many frames it placed (the
+    # mapper can place frames of a camera that only turns, then filters every point seen at
+    # under 1.5 degrees): models with points first.
+    ranked = sorted(
+        models,
+        key=lambda r: (r.num_points3D() > 0, r.num_reg_images(), r.num_points3D()),
+        reverse=True,
+    )
     progress(ranked[0].num_reg_images() if ranked else 0, n_images)
     return ranked
 
