@@ -102,6 +102,11 @@ class RayExecutor:
         self._probe_token = secrets.token_hex(8)
         self.settings_problem = _settings_problem(settings)
         self._handles: dict[str, RayHandle] = {}  # submission id -> live handle
+        self.detaching = False  # the server shuts down: its jobs go on without it
+
+    def detach(self) -> None:
+        """Let running jobs go on when the server stops (they are reattached at its start)."""
+        self.detaching = True
 
     # -- the client ---------------------------------------------------------------------
 
@@ -459,7 +464,7 @@ class RayHandle:
     async def stop(self, grace: float) -> None:
         """Stop the job (SIGTERM, Ray's wait, SIGKILL of its process tree) and confirm it
         ended; while the cluster is unreachable, give up after a bounded wait."""
-        if self._returncode is not None:
+        if self._returncode is not None or self.executor.detaching:
             return
         deadline = time.monotonic() + grace + 20
         while time.monotonic() < deadline:

@@ -107,8 +107,12 @@ class Runner:
         self._pending_stop[task_id] = (reason, message)
 
     async def shutdown(self) -> None:
-        """End every running stage as interrupted (it runs again at the next start)."""
+        """End every running stage as interrupted (it runs again at the next start); with an
+        executor that can detach (Ray), its jobs keep running and stay recorded as running."""
         running = list(self._running.values())
+        detach = getattr(self.executor, "detach", None)
+        if detach is not None:  # jobs on a cluster go on; the next start follows them again
+            detach()
         for entry in running:
             entry.stop_reason = EndReason.INTERRUPTED
             entry.stop_message = "Interrupted by server shutdown; it runs again at the next start"
@@ -162,6 +166,12 @@ class Runner:
             entry = self._running.get(task_id)
             reason = entry.stop_reason if entry else None
             message = (entry.stop_message if entry else None) or "Cancelled"
+            if reason == EndReason.INTERRUPTED and getattr(self.executor, "detaching", False):
+                if task_log is not None:
+                    task_log.event("Server shut down; the job goes on and is followed again")
+                    task_log.close()
+                    task_log = None
+                return  # nothing recorded: the next start reattaches to it
             result = StageResult(
                 reason=reason or EndReason.CANCELLED,
                 message=message,

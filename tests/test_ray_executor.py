@@ -266,15 +266,19 @@ def test_cancel_stops_the_job_and_leaves_no_process(cluster: Cluster, tmp_path: 
         server.kill()
 
 
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_restarted_server_reattaches_without_starting_over(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, how: str
 ) -> None:
     server = ray_server(tmp_path, cluster, step_seconds=0.04)
     with server.client() as client:
         wait_ready(client)
         task_id = upload(client, max_frames=20).json()["task_id"]
         wait_for(client, task_id, lambda s: step(s) > 60, 120)
-    server.kill()
+    if how == "sigkill":
+        server.kill()
+    else:
+        server.terminate()  # a graceful stop: the job is detached, not stopped
     assert marked(task_id), "the training must survive the API server"
     time.sleep(1.0)
     server = ray_server(tmp_path, cluster, step_seconds=0.04)
