@@ -218,7 +218,11 @@ class TusStore:
     async def create(self, length: int, metadata: str, fields: dict[str, str]) -> UploadInfo:
         """A new upload's folder with an empty `data` and its info; the free disk is checked
         and `length` bytes reserved in the same step (no await in between)."""
-        check_free_disk(self.root, length, self.settings.min_free_bytes, self.reservations.others())
+        # The parent (temp_dir) is on the same disk; the uploads folder is made with the first
+        # upload, so a server that never took one leaves the workspace as it found it.
+        check_free_disk(
+            self.root.parent, length, self.settings.min_free_bytes, self.reservations.others()
+        )
         upload_id = uuid.uuid4().hex
         self.held[upload_id] = self.reservations.reserve(length)
         now = time.time()
@@ -604,7 +608,6 @@ def install(app: FastAPI) -> None:
                 root=app_.state.manager.paths.temp_dir / UPLOADS_DIR,
                 reservations=app_.state.disk_reservations,
             )
-            await asyncio.to_thread(store.root.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread(store.restore)
             app_.state.tus = store
             loop = asyncio.create_task(store.run_forever(), name="tus-expiry")
