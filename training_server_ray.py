@@ -197,7 +197,9 @@ class RayExecutor:
         if startable > 0:
             return Capacity(running + startable, None)
         main = "GPU" if need["GPU"] > 0 else "CPU"
-        free = sum(math.floor(f) for f in view.free(main))
+        # What the cluster reports free, less what our submitted-but-not-placed jobs will take
+        # (its usage figures lag a submission by a moment).
+        free = max(0, sum(math.floor(f) for f in view.free(main)) - pending * int(need[main]))
         total = math.floor(view.total(main))
         what = "a free GPU" if main == "GPU" else f"{need['CPU']:g} free CPUs"
         return Capacity(running, f"waiting for {what} in the cluster ({free} of {total} free)")
