@@ -265,8 +265,9 @@ class PreviewWatcher:
             info = json.loads((self._output_dir / PREVIEW_INFO).read_text())
             self._step = int(info["step"])  # a resumed run: don't redo the same snapshot
         while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._interval)
+            with contextlib.suppress(TimeoutError):  # not wait_for: it can lose a cancel (3.11)
+                async with asyncio.timeout(self._interval):
+                    await self._stopping.wait()
             if self._stopping.is_set():
                 return
             await self._poll(transform)

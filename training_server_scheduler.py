@@ -98,8 +98,11 @@ class Scheduler:
     async def run_forever(self) -> None:
         """The scheduling loop (a named, watched background task)."""
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a cancel that lands
+            # as the event is set, which left shutdown waiting on this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), IDLE_WAKE)
+                async with asyncio.timeout(IDLE_WAKE):
+                    await self._wake.wait()
             self._wake.clear()
             await self.fill_slots()
 

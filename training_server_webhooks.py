@@ -377,8 +377,9 @@ class Webhooks:
             )
             soonest = rows[0][0] if rows and rows[0][0] is not None else None
             pause = IDLE_WAKE if soonest is None else max(0.0, min(IDLE_WAKE, soonest - now))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), pause)
+            with contextlib.suppress(TimeoutError):  # not wait_for: it can lose a cancel (3.11)
+                async with asyncio.timeout(pause):
+                    await self._wake.wait()
 
     async def _attempt(self, row: dict[str, Any]) -> None:
         """Send one delivery once and record how it went (and when the next attempt is)."""
