@@ -15,7 +15,10 @@ if [ ! -f "$stamp" ] || ! cmp -s requirements.txt "$stamp"; then
 fi
 # Ray (requirements-ray.txt) only when the stages run on a Ray cluster (TRAINING_SERVER_EXECUTOR=ray,
 # from the environment or .env).
-executor=${TRAINING_SERVER_EXECUTOR:-$(sed -n 's/^TRAINING_SERVER_EXECUTOR=//p' .env 2>/dev/null | tail -n 1)}
+executor=${TRAINING_SERVER_EXECUTOR:-}
+if [ -z "$executor" ] && [ -f .env ]; then
+    executor=$(sed -n 's/^TRAINING_SERVER_EXECUTOR=//p' .env | tail -n 1)
+fi
 if [ "$(echo "$executor" | tr -d "\"' ")" = ray ] && ! cmp -s requirements-ray.txt .venv/.installed-ray; then
     .venv/bin/python -m pip install --quiet -r requirements-ray.txt
     cp requirements-ray.txt .venv/.installed-ray
