@@ -62,6 +62,7 @@ from training_server_models import (
     ApiError,
     BadRequestError,
     ConflictError,
+    ErrorBody,
     InsufficientStorageError,
     NotFoundError,
     PayloadTooLargeError,
@@ -348,10 +349,19 @@ def _upload_id(upload_id: uuid.UUID) -> str:
 
 
 UploadId = Annotated[str, Depends(_upload_id)]
+# tus answers carry their news in headers; errors are JSON {"detail"} like the rest of the API.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody}
+    for code in (400, 401, 404, 409, 410, 412, 413, 415, 422, 423, 503, 507)
+}
+
+
+def _no_body(code: int, what: str) -> dict[int | str, dict[str, Any]]:
+    return {code: {"description": what, "content": {}}, **ERRORS}
 
 
 @router.options("/uploads", include_in_schema=False)
-@router.options("/uploads/")
+@router.options("/uploads/", status_code=204, responses=_no_body(204, "Tus-Version etc."))
 @router.options("/uploads/{upload_id}", include_in_schema=False)
 async def options(settings: Settings) -> Response:
     """The tus version, extensions and largest upload this server accepts."""
@@ -368,7 +378,9 @@ async def options(settings: Settings) -> Response:
 
 
 @router.post("/uploads", include_in_schema=False, status_code=201)
-@router.post("/uploads/", status_code=201)
+@router.post(
+    "/uploads/", status_code=201, responses=_no_body(201, "Location: /uploads/{upload_id}")
+)
 async def create(request: Request, settings: Settings, store: Store) -> Response:
     """Create a resumable upload: `Upload-Length` (bytes), `Upload-Metadata` (tus pairs:
     `filename` and the parameters of POST /upload, e.g. `max_frames`, `preset`); query
@@ -413,7 +425,7 @@ def _state_headers(store: TusStore, info: UploadInfo) -> dict[str, str]:
     return headers
 
 
-@router.head("/uploads/{upload_id}")
+@router.head("/uploads/{upload_id}", responses=_no_body(200, "Upload-Offset, Upload-Length"))
 async def head(upload_id: UploadId, request: Request, store: Store) -> Response:
     """Where the upload stands: `Upload-Offset` (bytes the server has), `Upload-Length`,
     and `Upload-Task-Id` once it is complete and its task made."""
@@ -427,7 +439,11 @@ async def head(upload_id: UploadId, request: Request, store: Store) -> Response:
     return Response(status_code=200, headers=headers)
 
 
-@router.patch("/uploads/{upload_id}", status_code=204)
+@router.patch(
+    "/uploads/{upload_id}",
+    status_code=204,
+    responses=_no_body(204, "Upload-Offset; Upload-Task-Id once complete"),
+)
 async def patch(
     upload_id: UploadId, request: Request, settings: Settings, manager: Manager, store: Store
 ) -> Response:
@@ -578,7 +594,7 @@ async def _finish(settings: ServerConfig, manager: Any, store: TusStore, info: U
     await store.save(info)  # kept until it expires: HEAD tells a client that lost the answer
 
 
-@router.delete("/uploads/{upload_id}", status_code=204)
+@router.delete("/uploads/{upload_id}", status_code=204, responses=_no_body(204, "removed"))
 async def terminate(upload_id: UploadId, request: Request, store: Store) -> Response:
     """Termination: the unfinished upload and its bytes are removed (a finished upload's task
     is not touched: DELETE /tasks/{id} removes that)."""

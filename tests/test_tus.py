@@ -436,8 +436,22 @@ class CuttableProxy:
             server = socket.create_connection(self.upstream)
             with self.lock:
                 self.open += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pair, args=(client, server), daemon=True).start()
+
+    def _pair(self, client: socket.socket, server: socket.socket) -> None:
+        """Pump both ways; once both directions ended, close both (never leak a socket)."""
+        pumps = [
+            threading.Thread(target=self._pump, args=(a, b), daemon=True)
+            for a, b in ((client, server), (server, client))
+        ]
+        for pump in pumps:
+            pump.start()
+        for pump in pumps:
+            pump.join()
+        with self.lock:
+            self.open = [s for s in self.open if s not in (client, server)]
+        client.close()
+        server.close()
 
     @staticmethod
     def _pump(source: socket.socket, sink: socket.socket) -> None:
