@@ -27,11 +27,21 @@ import download
 import end_to_end
 import first_splats
 import preprocess_vs_original
+import ray_cluster
 import spz
 import upload
 from common import REPO, RESULTS, Section, log, machine_info
 
-SECTIONS = ("upload", "api", "download", "preprocess", "end_to_end", "spz", "first_splats")
+SECTIONS = (
+    "upload",
+    "api",
+    "download",
+    "preprocess",
+    "end_to_end",
+    "spz",
+    "first_splats",
+    "ray_cluster",
+)
 MODULES = {
     "upload": upload,
     "api": api,
@@ -40,6 +50,7 @@ MODULES = {
     "end_to_end": end_to_end,
     "spz": spz,
     "first_splats": first_splats,
+    "ray_cluster": ray_cluster,
 }
 
 
@@ -58,6 +69,7 @@ def plan(args: argparse.Namespace) -> dict[str, Callable[[], Section]]:
         "end_to_end": lambda: end_to_end.run(repeats),
         "spz": lambda: spz.run(repeats, 200_000 if quick else 1_000_000),
         "first_splats": lambda: first_splats.run(repeats, 200_000 if quick else 1_000_000),
+        "ray_cluster": lambda: ray_cluster.run(1, 3 if quick else 8, 4.0 if quick else 12.0),
     }
 
 
