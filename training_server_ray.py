@@ -35,6 +35,13 @@ HTTP_TIMEOUT = 5.0  # seconds for one call to the cluster
 STORAGE_EXIT = 97  # the entrypoint's exit code when the node does not see the shared folder
 PROBE_NAME = ".ray_storage_probe"
 CLUSTER_TTL = 1.0  # seconds a read of the cluster's resources is reused
+# A job's resources show in the cluster's usage figures a moment after Ray placed it: until a
+# read this long after that, the server counts the job as not yet shown (never two on one GPU).
+USAGE_LAG = 1.5
+FIRST_OUTPUT_POLL = 0.2  # seconds between reads of a young job's whole (small) log
+FIRST_OUTPUT_WINDOW = 15.0  # seconds after submission the log is read that way, then tailed
+FIRST_OUTPUT_MAX = 64 * 1024  # characters: past this, too, Ray's tail follows the log
+PERSIST_DELIVERED = 5.0  # seconds between records of how much of the log is in the task log
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -184,7 +191,9 @@ class RayExecutor:
         if self.storage_problem:
             return Capacity(running, f"waiting: {self.storage_problem}")
         need = self.needs(stage)
-        pending = sum(1 for h in self._handles.values() if h.stage == stage and not h.placed)
+        pending = sum(
+            1 for h in self._handles.values() if h.stage == stage and not h.shown_in(view)
+        )
         startable = 0
         for node in (n for n in view.nodes if n.alive):
             fits = [
@@ -197,8 +206,8 @@ class RayExecutor:
         if startable > 0:
             return Capacity(running + startable, None)
         main = "GPU" if need["GPU"] > 0 else "CPU"
-        # What the cluster reports free, less what our submitted-but-not-placed jobs will take
-        # (its usage figures lag a submission by a moment).
+        # What the cluster reports free, less what our jobs its usage figures do not show yet
+        # will take (they lag a submission, and a placement, by a moment).
         free = max(0, sum(math.floor(f) for f in view.free(main)) - pending * int(need[main]))
         total = math.floor(view.total(main))
         what = "a free GPU" if main == "GPU" else f"{need['CPU']:g} free CPUs"
@@ -363,10 +372,14 @@ class RayHandle:
         self.stage = stage
         self.submission_id: str = ref["submission_id"]
         self.placed = False  # the cluster reported it running on a node
+        self.placed_at: float | None = None  # when this server first saw it running
         self.was_running = False
         self.on_ref_change: Callable[[Ref], Any] | None = None
         self._returncode: int | None = None
-        self._delivered = 0  # characters of the job's log delivered to the sink
+        # Characters of the job's log delivered to the sink; after a reattach, what the task
+        # log already holds (recorded in the ref every few seconds) is not delivered again.
+        self._delivered = int(ref.get("log_delivered") or 0)
+        self._persisted_at = time.monotonic()
         self._on_output: Callable[[bytes], None] | None = None
         self._tail: asyncio.Task[None] | None = None
 
@@ -380,12 +393,40 @@ class RayHandle:
         self._on_output = on_output
         self._tail = asyncio.get_running_loop().create_task(self._follow())
 
+    def shown_in(self, view: ClusterView) -> bool:
+        """Whether the cluster's usage figures in `view` already count this job."""
+        return self.placed_at is not None and view.read_at >= self.placed_at + USAGE_LAG
+
     def _deliver(self, text: str) -> None:
         if self._on_output is not None and text:
             self._delivered += len(text)
             self._on_output(text.encode())
 
+    async def _persist_delivered(self) -> None:
+        """Record how much of the log the task log holds (for a reattach), now and then."""
+        if self.on_ref_change is None or time.monotonic() - self._persisted_at < PERSIST_DELIVERED:
+            return
+        self._persisted_at = time.monotonic()
+        self.ref["log_delivered"] = self._delivered
+        with contextlib.suppress(Exception):
+            await self.on_ref_change(dict(self.ref))
+
+    async def _first_output(self) -> None:
+        """Read a young job's whole log a few times a second: Ray's tail polls its file once a
+        second and waits a second more at each end of file, which delays the first lines."""
+        until = time.monotonic() + FIRST_OUTPUT_WINDOW
+        while self._returncode is None and time.monotonic() < until:
+            with contextlib.suppress(ClusterUnreachableError):
+                logs = await self.executor.call("get_job_logs", self.submission_id)
+                self._deliver(logs[self._delivered :])
+                await self._persist_delivered()
+                if len(logs) >= FIRST_OUTPUT_MAX:
+                    return
+            await asyncio.sleep(FIRST_OUTPUT_POLL)
+
     async def _follow(self) -> None:
+        with contextlib.suppress(Exception):  # e.g. not found yet: the tail below goes on
+            await self._first_output()
         while self._returncode is None:
             try:
                 client = await self.executor.client()
@@ -394,6 +435,7 @@ class RayHandle:
                     skip = max(0, min(len(chunk), self._delivered - seen))
                     seen += len(chunk)
                     self._deliver(chunk[skip:])
+                    await self._persist_delivered()
                 if self._returncode is None:
                     await asyncio.sleep(1.0)  # the stream ended early: follow it again
             except asyncio.CancelledError:
@@ -402,11 +444,12 @@ class RayHandle:
                 await asyncio.sleep(1.0)  # cluster away: wait() decides whether it is lost
 
     async def _catch_up(self) -> None:
-        """After the end: what the live tail missed, from the full log."""
+        """After the end: what the live tail has not delivered yet, from the full log (Ray's
+        tail would end only a second or two later)."""
         if self._tail is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._tail), 3)
             self._tail.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._tail
         with contextlib.suppress(Exception):
             logs = await self.executor.call("get_job_logs", self.submission_id)
             self._deliver(logs[self._delivered :])
@@ -437,6 +480,8 @@ class RayHandle:
             node = getattr(info, "driver_node_id", None)
             if status == "RUNNING":
                 self.placed = self.was_running = True
+                if self.placed_at is None:
+                    self.placed_at = time.monotonic()
                 if node and self.ref.get("node_id") != node:
                     self.ref["node_id"] = node
                     self.ref["node"] = await self.executor.node_name(node)
@@ -487,11 +532,15 @@ class RayHandle:
         log.warning("could not confirm that Ray job %s ended", self.submission_id)
 
     async def close(self) -> None:
-        """Stop following its log."""
+        """Stop following its log (when the server detaches, record how much of it the task
+        log holds, so that the next start does not write it twice)."""
         if self._tail is not None and not self._tail.done():
             self._tail.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._tail
+        if self.executor.detaching and self._returncode is None:
+            self._persisted_at = 0.0
+            await self._persist_delivered()
         self.executor.forget(self)
 
 

@@ -290,6 +290,8 @@ def test_restarted_server_reattaches_without_starting_over(
             assert done["metadata"]["training"]["resumed_from_step"] is None
             log = client.get(f"/logs/{task_id}").text
             assert "reattached after a server restart" in log
+            if how == "sigterm":  # it recorded how much of the job's log it had written
+                assert log.count("output path:") == 1, "the job's log was written twice"
             jobs = JobSubmissionClient(cluster.address)
             ours = [
                 j

@@ -1,0 +1,81 @@
+"""How many stages the Ray executor lets start, from a cluster view whose usage figures lag the
+server's own jobs (no cluster needed: the view is the one the dashboard would give)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from training_server_models import ServerConfig, Stage
+from training_server_ray import USAGE_LAG, ClusterView, NodeInfo, RayExecutor
+
+
+def node(name: str, gpus_free: float) -> NodeInfo:
+    return NodeInfo(
+        node_id=name * 8,
+        ip="127.0.0.1",
+        hostname=name,
+        alive=True,
+        is_head=False,
+        gpus_total=1.0,
+        gpus_free=gpus_free,
+        cpus_total=1.0,
+        cpus_free=1.0,
+    )
+
+
+def executor(tmp_path: Path, *nodes: NodeInfo, read_at: float) -> RayExecutor:
+    settings = ServerConfig(base_dir=tmp_path, executor="ray", ray_address="http://127.0.0.1:1")
+    ex = RayExecutor(settings, tmp_path)
+    ex.settings_problem = None
+    ex.storage_problem = None
+    ex._view = ClusterView(reachable=True, ray_version="2.60.0", nodes=list(nodes))
+    ex._view.read_at = read_at  # a fresh read: cluster() reuses it
+    return ex
+
+
+def training_running(ex: RayExecutor, task: str, placed_at: float | None) -> None:
+    ref = {"executor": "ray", "submission_id": f"ts-{task}-training-1", "node": None}
+    handle = ex._handle(ref, Stage.TRAINING)
+    handle.placed = placed_at is not None
+    handle.placed_at = placed_at
+
+
+def capacity(ex: RayExecutor, running: int) -> tuple[int, str | None]:
+    got = asyncio.run(ex.capacity(Stage.TRAINING, running))
+    return got.limit, got.waiting
+
+
+def test_a_job_just_placed_still_holds_its_gpu_when_the_figures_do_not_show_it(
+    tmp_path: Path,
+) -> None:
+    now = time.monotonic()
+    # Both GPUs reported free, but one of ours was placed a moment before that read.
+    ex = executor(tmp_path, node("a", 1.0), node("b", 1.0), read_at=now)
+    training_running(ex, "t1", placed_at=now - 0.2)
+    assert capacity(ex, running=1) == (2, None)  # one more: the other GPU
+    training_running(ex, "t2", placed_at=None)  # submitted, not placed yet
+    limit, waiting = capacity(ex, running=2)
+    assert limit == 2
+    assert waiting == "waiting for a free GPU in the cluster (0 of 2 free)"
+
+
+def test_once_the_figures_show_a_job_it_is_not_counted_twice(tmp_path: Path) -> None:
+    now = time.monotonic()
+    placed = now - USAGE_LAG - 0.5
+    ex = executor(tmp_path, node("a", 0.0), node("b", 1.0), read_at=now)
+    training_running(ex, "t1", placed_at=placed)
+    assert capacity(ex, running=1) == (2, None)
+
+
+@pytest.mark.parametrize("free", [0.0, 1.0])
+def test_a_view_read_before_the_placement_counts_the_job(tmp_path: Path, free: float) -> None:
+    now = time.monotonic()
+    ex = executor(tmp_path, node("a", free), read_at=now)
+    training_running(ex, "t1", placed_at=now + 0.1)  # placed after the read
+    limit, waiting = capacity(ex, running=1)
+    assert limit == 1
+    assert waiting == "waiting for a free GPU in the cluster (0 of 1 free)"
