@@ -4,6 +4,7 @@
 
 import * as api from "./api.js";
 import { mountBoard } from "./board.js";
+import { mountCluster } from "./cluster.js";
 import { mountDetail } from "./detail.js";
 import { $, createNotifier, scrollIntoViewIfStacked } from "./dom.js";
 import { loadHealth, mountHealth } from "./health.js";
@@ -16,6 +17,7 @@ import { mountToken } from "./token.js";
 import { mountUpload } from "./upload.js";
 
 const HEALTH_MS = 30000;
+const CLUSTER_HEALTH_MS = 5000; // with a Ray cluster, its free GPUs change by the minute
 const TASK_HASH = /^#task=([0-9a-f-]{36})$/i;
 
 function start(doc) {
@@ -40,6 +42,7 @@ function start(doc) {
     },
   };
   mountHealth(doc, ctx);
+  mountCluster(doc, ctx);
   const board = mountBoard(doc, ctx);
   const live = mountLive(doc, ctx);
   const token = mountToken(doc, ctx);
@@ -135,7 +138,12 @@ function start(doc) {
       board.tick(now);
       detail.tick(now);
     }, 1000);
-    setInterval(() => ctx.loadHealth().catch(() => {}), HEALTH_MS);
+    let healthAt = Date.now();
+    setInterval(() => {
+      if (!store.state.health?.cluster && Date.now() - healthAt < HEALTH_MS) return;
+      healthAt = Date.now();
+      ctx.loadHealth().catch(() => {});
+    }, CLUSTER_HEALTH_MS);
     doc.documentElement.dataset.ready = "true";
   }
 

@@ -148,13 +148,28 @@ export function createEta() {
 
 const NO_ETA = { secondsLeft: () => null };
 
+/** The short host name of the node a stage runs on ("gpu-2 (10.0.0.5, node ab12cd34)"). */
+export function nodeHost(node) {
+  if (!node) return "";
+  const cut = node.indexOf(" (");
+  return cut > 0 ? node.slice(0, cut) : node;
+}
+
+/** Why a queued task waits, when the server said (a Ray cluster without a free GPU). */
+function waitingReason(task) {
+  const message = task.message || "";
+  return task.queued_for && message.startsWith("waiting ")
+    ? message[0].toUpperCase() + message.slice(1)
+    : null;
+}
+
 /** One line about where the task is: the stage, step counts, queue place or outcome. */
 export function stageLine(task, { now = Date.now(), eta = NO_ETA, health = null } = {}) {
   const p = task.progress;
   const queue = task.queue_position ? ` · #${task.queue_position} in line` : "";
   switch (task.status) {
     case "pending":
-      return `Waiting to be preprocessed${queue}`;
+      return `${waitingReason(task) || "Waiting to be preprocessed"}${queue}`;
     case "preprocessing":
     case "training": {
       const parts = [p?.label || fmt.STAGE_NAMES[task.status]];
@@ -163,10 +178,11 @@ export function stageLine(task, { now = Date.now(), eta = NO_ETA, health = null 
       }
       const left = fmt.timeLeft(eta.secondsLeft(task, now));
       if (left) parts.push(left);
+      if (task.node) parts.push(`on ${nodeHost(task.node)}`);
       return parts.join(" · ");
     }
     case "preprocessing_completed": {
-      if (task.queued_for) return `Waiting for the GPU${queue}`;
+      if (task.queued_for) return `${waitingReason(task) || "Waiting for the GPU"}${queue}`;
       const pre = task.metadata?.preprocessing;
       const ready = pre ? `${fmt.count(pre.frames_registered)} cameras placed · ` : "";
       const unavailable = health && !health.training.available;
@@ -347,6 +363,7 @@ export function progressFacts(task, now = Date.now(), eta = NO_ETA) {
     if (p.loss != null) parts.push(`loss ${p.loss.toFixed(4)}`);
     if (p.psnr != null) parts.push(`PSNR ${p.psnr.toFixed(1)} dB`);
   }
+  if (running && task.node) parts.push(`on node ${task.node}`);
   return parts.join(" · ") || "Starting…";
 }
 

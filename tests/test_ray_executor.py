@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -244,13 +245,37 @@ def test_two_trainings_spread_over_the_nodes_and_a_third_waits(
         server.kill()
 
 
+def page_shows_cluster_and_node(server: ServerProcess, task_id: str, node: str) -> None:
+    """The page's header shows the cluster, and the task's row the node it trains on."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_web_page import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(server.url + "/")
+            expect(page.locator("#cluster")).to_have_text(
+                re.compile(r"^Ray cluster · 3 nodes · [01] of 2 GPUs free$")
+            )
+            host = node.split(" (")[0]
+            expect(page.locator(f'.task-row[data-id="{task_id}"]')).to_contain_text(f"on {host}")
+        finally:
+            browser.close()
+
+
 def test_cancel_stops_the_job_and_leaves_no_process(cluster: Cluster, tmp_path: Path) -> None:
-    server = ray_server(tmp_path, cluster, step_seconds=0.05)
+    server = ray_server(tmp_path, cluster, step_seconds=0.1)
     try:
         with server.client() as client:
             wait_ready(client)
             task_id = upload(client, max_frames=20).json()["task_id"]
-            wait_for(client, task_id, lambda s: s["status"] == "training" and s["node"], 90)
+            running = wait_for(
+                client, task_id, lambda s: s["status"] == "training" and s["node"], 90
+            )
+            page_shows_cluster_and_node(server, task_id, running["node"])
             wait_for(client, task_id, lambda s: step(s) > 20, 60)
             assert marked(task_id), "the training process should run on this machine"
             assert client.post(f"/tasks/{task_id}/cancel").status_code == 200

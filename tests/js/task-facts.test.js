@@ -89,6 +89,38 @@ describe("the stage line of the board", () => {
     assert.equal(facts.stageLine(gpu), "Waiting for the GPU · #1 in line");
   });
 
+  test("on a Ray cluster: why a queued task waits, and the node a stage runs on", () => {
+    const message = "waiting for a free GPU in the cluster (0 of 4 free)";
+    const gpu = makeTask({
+      status: "preprocessing_completed",
+      queued_for: "training",
+      queue_position: 1,
+      message,
+    });
+    assert.equal(
+      facts.stageLine(gpu),
+      "Waiting for a free GPU in the cluster (0 of 4 free) · #1 in line",
+    );
+    const pending = makeTask({
+      status: "pending",
+      queued_for: "preprocessing",
+      queue_position: 3,
+      message: "waiting for the Ray cluster: unreachable",
+    });
+    assert.equal(facts.stageLine(pending), "Waiting for the Ray cluster: unreachable · #3 in line");
+    const node = "gpu-2 (10.0.0.3, node ab12cd34)";
+    const running = makeTask({
+      status: "training",
+      node,
+      progress: { stage: "training", label: "Training", current: 10, total: 100, percent: 10 },
+    });
+    assert.equal(facts.stageLine(running), "Training 10/100 · on gpu-2");
+    assert.match(facts.progressFacts(running), /Step 10 of 100 · on node gpu-2 \(10\.0\.0\.3/);
+    assert.equal(facts.nodeHost(node), "gpu-2");
+    assert.equal(facts.nodeHost("ab12cd34ef56"), "ab12cd34ef56");
+    assert.equal(facts.nodeHost(null), "");
+  });
+
   test("a running stage gives its label, step counts and the server's time left", () => {
     const task = makeTask({
       status: "training",
