@@ -110,7 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
         "sparse model) for Gaussian Splatting training, using pip packages only.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--video_path", type=Path, required=True, help="the input video file")
+    p.add_argument(
+        "--video_path",
+        type=Path,
+        action="append",
+        required=True,
+        help="the input video file; repeat it for several videos of one scene, or name a "
+        "folder of sources (its videos, its subfolders of photos, the photos directly in it: "
+        "each a source with its own camera), as the server lays out uploads of several files "
+        "or a ZIP of photos",
+    )
     p.add_argument(
         "--output_dir",
         type=Path,
@@ -224,14 +233,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--min_registered must be at least 2")
 
 
-def clean_outputs(output_dir: Path, video: Path) -> None:
-    """Remove what an earlier attempt left (never the uploaded video or anything else)."""
+def clean_outputs(output_dir: Path, video: Path | list[Path]) -> None:
+    """Remove what an earlier attempt left (never the uploaded video(s) or anything else)."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    inputs = [p.resolve() for p in ([video] if isinstance(video, Path) else video) if p.exists()]
     for name in (SUMMARY_NAME, *WORK_DIRS):
         path = output_dir / name
-        if path.exists() and video.exists():
-            target, upload = path.resolve(), video.resolve()
-            if target == upload or target in upload.parents:
+        if path.exists() and inputs:
+            target = path.resolve()
+            if any(target == upload or target in upload.parents for upload in inputs):
                 continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -405,6 +415,167 @@ def sfm_options(args: argparse.Namespace) -> Any:
     )
 
 
+def gather_one_video(
+    args: argparse.Namespace, rep: Reporter, clock: StageClock, frames_dir: Path
+) -> Any:
+    """Stage 1 for one video (the usual upload): decode, select; frames keep their names."""
+    from pipeline import capture, frames
+
+    video = args.video_path[0]
+
+    def progress(stage: str) -> frames.ProgressFn:
+        return lambda current, total: rep.progress(stage, current, total)
+
+    with clock("decode"):
+        info, scan = frames.scan_video(
+            video, frames_dir, CANDIDATES_PER_FRAME * args.max_frames, progress("decode")
+        )
+    rep.log(
+        f"decoded {info.frames_decoded} frames ({info.width}x{info.height}, {info.codec} "
+        f"{info.pix_fmt}, rotation {info.rotation}, {info.duration_s:.1f} s) "
+        f"in {clock.wall['decode']:.1f} s"
+    )
+    if info.frames_decoded < args.min_registered:
+        raise frames.PipelineError(
+            "too_few_frames",
+            f"The video has only {info.frames_decoded} frames; at least {args.min_registered} "
+            "are needed. Record a longer video (10 to 60 seconds) moving slowly around the "
+            "subject.",
+        )
+    with clock("select"):
+        selection = frames.select_frames(scan, args.min_frames, args.max_frames)
+        names = frames.keep_frames(frames_dir, scan, selection, progress("select"))
+    frames.save_selection(frames_dir / "selection.json", scan, selection)
+    rep.log(
+        f"kept {len(names)} frames (target {selection.target}, dropped "
+        f"{selection.dropped_blurred} blurred, {selection.dropped_duplicates} duplicates) "
+        f"in {clock.wall['select']:.1f} s"
+    )
+    index_of = {frames.frame_name(i): i for i in selection.indices}
+    group = capture.Group(
+        label=video.name,
+        kind="video",
+        file=video.name,
+        names=names,
+        size=(info.width, info.height),
+        images=info.frames_decoded,
+        time_of={frames.frame_name(i): float(scan.times[i]) for i in selection.indices},
+        info=info,
+        scan=scan,
+        selection=selection,
+        thumbs=scan.thumbs[[index_of[m] for m in names]] if names else None,
+    )
+    return capture.Capture([group])
+
+
+def gather_sources(
+    args: argparse.Namespace, rep: Reporter, clock: StageClock, frames_dir: Path
+) -> Any:
+    """Stage 1 for a capture with several sources (videos, photo sets): each video's frames
+    selected inside it, each photo set written upright; the frame budget shared fairly."""
+    from pipeline import capture, frames, sources
+
+    found = sources.discover(args.video_path)
+    if not found:
+        raise frames.PipelineError(
+            "video_not_found",
+            "No video and no photos found in "
+            + ", ".join(p.name for p in args.video_path)
+            + ". Upload a video, several videos or photos of the scene.",
+        )
+    with clock("decode"):
+        try:
+            result = capture.gather(
+                found,
+                frames_dir,
+                args.min_frames,
+                args.max_frames,
+                lambda stage: lambda current, total: rep.progress(stage, current, total),
+                rep.log,
+            )
+        except sources.SourceError as exc:
+            raise frames.PipelineError("bad_photos", exc.message) from None
+    (frames_dir / "selection.json").write_text(
+        json.dumps(
+            {
+                "sources": [
+                    {"label": g.label, "kind": g.kind}
+                    | (
+                        frames.selection_record(g.scan, g.selection, f"s{k:02d}_")
+                        if g.scan is not None and g.selection is not None
+                        else {"frames": [{"name": n, "photo": g.photo_names[n]} for n in g.names]}
+                    )
+                    for k, g in enumerate(result.groups, 1)
+                ]
+            },
+            indent=1,
+        )
+    )
+    rep.log(
+        f"{len(result.groups)} sources, {len(result.names)} frames kept "
+        f"in {clock.wall['decode']:.1f} s"
+    )
+    return result
+
+
+def gate_parallax(args: argparse.Namespace, rep: Reporter, frames_dir: Path, cap: Any) -> Any:
+    """Stage 2, per video source: refuse a capture whose every source is a video that stands
+    still or only turns. Returns (combined verdict, seconds, per-group checks)."""
+    checks: dict[int, Any] = {}
+    for k, group in enumerate(cap.groups):
+        if group.kind != "video":
+            continue
+        checks[k] = parallax_check(frames_dir, group.names)  # about a second each
+        rep.log(("" if len(cap.groups) == 1 else f"{group.label}: ") + checks[k].describe())
+    refused = [c for c in checks.values() if c.verdict in ("static", "rotation")]
+    if checks and len(refused) == len(cap.groups):
+        parallax_gate(refused[0], len(cap.groups[next(iter(checks))].names))
+    verdicts = [c.verdict for c in checks.values()]
+    if not verdicts:  # photos alone: no order to track corners along
+        verdict = "not_measured"
+    elif len(cap.groups) == 1:
+        verdict = verdicts[0]
+    elif "parallax" in verdicts:
+        verdict = "parallax"
+    else:
+        verdict = "unknown"
+    return verdict, sum(c.seconds for c in checks.values()), checks
+
+
+def worst_path(args: argparse.Namespace, model: Any, cap: Any) -> Any:
+    """The camera-path check of the capture's videos, each on its own frames (photos have no
+    order to check); the worst of them, or None for photos alone."""
+    from pipeline import sfm
+
+    if len(cap.groups) == 1 and cap.groups[0].kind == "video":
+        return sfm.check_path(model, cap.names)
+    checks = [sfm.check_path(model, g.names) for g in cap.groups if g.kind == "video"]
+    if not checks:
+        return None
+    jump = args.max_path_jump
+    return max(checks, key=lambda c: (c.misplaced(jump), c.suspicious(jump), c.jump_ratio))
+
+
+def coverage_warnings(cap: Any, model: Any) -> list[str]:
+    """A warning per source with under 90 % of its frames in the model, naming what is out."""
+    placed = {im.name for im in model.images.values() if im.has_pose}
+    found = []
+    for group in cap.groups:
+        if not group.names or sum(n in placed for n in group.names) >= 0.9 * len(group.names):
+            continue
+        if group.kind == "video":
+            text = coverage_warning(group.names, placed, group.time_of)
+        else:
+            out = [group.photo_names.get(n, n) for n in group.names if n not in placed]
+            more = f" and {len(out) - 5} more" if len(out) > 5 else ""
+            text = (
+                f"only {len(group.names) - len(out)} of {len(group.names)} photos registered; "
+                f"the model leaves out {', '.join(out[:5])}{more}"
+            )
+        found.append(text if len(cap.groups) == 1 else f"{group.label}: {text}")
+    return found
+
+
 def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
     """All stages; returns the summary. Raises PipelineError / GateError for user failures."""
     from pipeline import frames, sfm
@@ -422,62 +593,51 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
     def progress(stage: str) -> frames.ProgressFn:
         return lambda current, total: rep.progress(stage, current, total)
 
-    # 1. Frames
-    with clock("decode"):
-        info, scan = frames.scan_video(
-            args.video_path, frames_dir, CANDIDATES_PER_FRAME * args.max_frames, progress("decode")
-        )
-    rep.log(
-        f"decoded {info.frames_decoded} frames ({info.width}x{info.height}, {info.codec} "
-        f"{info.pix_fmt}, rotation {info.rotation}, {info.duration_s:.1f} s) "
-        f"in {clock.wall['decode']:.1f} s"
-    )
-    if info.decode_warning:
-        warnings.append(info.decode_warning)
-        rep.log(f"warning: {info.decode_warning}")
-    if info.frames_decoded < args.min_registered:
-        raise frames.PipelineError(
-            "too_few_frames",
-            f"The video has only {info.frames_decoded} frames; at least {args.min_registered} "
-            "are needed. Record a longer video (10 to 60 seconds) moving slowly around the "
-            "subject.",
-        )
-    with clock("select"):
-        selection = frames.select_frames(scan, args.min_frames, args.max_frames)
-        names = frames.keep_frames(frames_dir, scan, selection, progress("select"))
-    frames.save_selection(frames_dir / "selection.json", scan, selection)
-    rep.log(
-        f"kept {len(names)} frames (target {selection.target}, dropped "
-        f"{selection.dropped_blurred} blurred, {selection.dropped_duplicates} duplicates) "
-        f"in {clock.wall['select']:.1f} s"
-    )
+    # 1. Frames: one video as always, or every source of a capture with several
+    single = len(args.video_path) == 1 and not args.video_path[0].is_dir()
+    cap = (gather_one_video if single else gather_sources)(args, rep, clock, frames_dir)
+    for group in cap.groups:
+        if group.info is not None and group.info.decode_warning:
+            warnings.append(group.info.decode_warning)
+            rep.log(f"warning: {group.info.decode_warning}")
+    names = cap.names
     if len(names) < args.min_registered:
         raise frames.PipelineError(
             "too_few_frames",
-            f"Only {len(names)} usable frames could be taken from the video; at least "
-            f"{args.min_registered} are needed. Record a longer, steadier video.",
+            f"Only {len(names)} usable frames could be taken from the "
+            f"{'video' if single else 'upload'}; at least {args.min_registered} are needed. "
+            + (
+                "Record a longer, steadier video."
+                if single
+                else "Send more photos, or longer videos, of the scene."
+            ),
         )
 
     # 2. A verdict in seconds: does the camera move through the scene at all?
-    parallax = parallax_check(frames_dir, names)  # about a second; timed in the summary
-    rep.log(parallax.describe())
-    parallax_gate(parallax, len(names))
+    parallax_verdict, parallax_seconds, parallax_checks = gate_parallax(args, rep, frames_dir, cap)
 
     # 3. Camera tracking
     n = len(names)
     required = max(args.min_registered, math.ceil(args.min_registered_fraction * n))
     db = colmap_dir / "database.db"
-    size = (info.width, info.height)
     with clock("features"):
-        sfm.extract_features(db, frames_dir, names, size, opts, progress("features"))
+        done = 0
+        for group in cap.groups:  # one camera per source
+            base = done
+            sfm.extract_features(
+                db,
+                frames_dir,
+                group.names,
+                group.size,
+                opts,
+                lambda current, total, base=base: rep.progress("features", base + current, n),
+            )
+            done += len(group.names)
     rep.log(f"extracted features in {clock.wall['features']:.1f} s")
     if args.matcher == "exhaustive":
         pairs = sfm.all_pairs(n)
     else:
-        pairs = sfm.sequential_pairs(n, args.overlap)
-        if args.loop_closure:
-            index_of = {frames.frame_name(i): i for i in selection.indices}
-            pairs |= sfm.loop_pairs(scan.thumbs[[index_of[m] for m in names]], args.overlap)
+        pairs = sfm.capture_pairs(cap.spans(), args.overlap, args.loop_closure)
     with clock("matching"):
         sfm.match_features(db, names, pairs, colmap_dir, opts, progress("matching"))
     pair_stats = sfm.pair_stats(db, names)
@@ -499,10 +659,10 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
     def judge(models: list[Any]) -> tuple[dict[str, Any], Any]:
         stats = sfm.model_stats(models[0]) if models else {"frames_registered": 0, "points3D": 0}
         quality_gate(args, stats, n, len(models), pair_stats)
-        return stats, sfm.check_path(models[0], names)
+        return stats, worst_path(args, models[0], cap)
 
     stats, path = judge(models)
-    retried = path.suspicious(args.max_path_jump)
+    retried = path is not None and path.suspicious(args.max_path_jump)
     if retried:
         rep.log(
             f"the camera path looks broken ({path}): retrying with exhaustive matching "
@@ -517,11 +677,11 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
                 db, frames_dir, colmap_dir / "sparse_retry", n, required, retry, progress("mapping")
             )
         stats, path = judge(models)
-        if path.misplaced(args.max_path_jump):
+        if path is not None and path.misplaced(args.max_path_jump):
             raise GateError(
                 "inconsistent_path", inconsistent_path_message(path, args.max_path_jump)
             )
-        if path.suspicious(args.max_path_jump):
+        if path is not None and path.suspicious(args.max_path_jump):
             warnings.append(
                 f"weakly connected camera path ({path.weakest_link} points join "
                 "two parts of the video): check the result"
@@ -530,10 +690,7 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
     best_dir.mkdir(parents=True)
     models[0].write(best_dir)
     fraction = stats["frames_registered"] / n
-    if fraction < 0.9:
-        placed = {im.name for im in models[0].images.values() if im.has_pose}
-        time_of = {frames.frame_name(i): float(scan.times[i]) for i in selection.indices}
-        warnings.append(coverage_warning(names, placed, time_of))
+    warnings.extend(coverage_warnings(cap, models[0]))
 
     # 5. Undistortion
     with clock("undistort"):
@@ -559,10 +716,19 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
     rep.log(f"scene up {scene['up']} ({scene['method']}), scale {scene['scale']}")
 
     # 7. Summary
-    return {
-        "summary_version": SUMMARY_VERSION,
-        "video": {
-            "file": args.video_path.name,
+    placed = {im.name for im in models[0].images.values() if im.has_pose}
+    sources_summary = []
+    for k, group in enumerate(cap.groups):
+        entry = group.record() | {"frames_registered": sum(n in placed for n in group.names)}
+        if k in parallax_checks:
+            entry["parallax_verdict"] = parallax_checks[k].verdict
+        sources_summary.append(entry)
+    first_video = next((g for g in cap.groups if g.info is not None), None)
+    info = first_video.info if first_video is not None else None
+    video = None
+    if info is not None and first_video is not None:
+        video = {
+            "file": first_video.file,
             "codec": info.codec,
             "pix_fmt": info.pix_fmt,
             "width": info.width,
@@ -571,23 +737,29 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
             "fps": round(info.fps, 3),
             "duration_s": round(info.duration_s, 3),
             "has_audio": info.has_audio,
-        },
-        "frames_decoded": info.frames_decoded,
+        }
+    selections = [g.selection for g in cap.groups if g.selection is not None]
+    first_size = cap.groups[0].size
+    summary: dict[str, Any] = {
+        "summary_version": SUMMARY_VERSION,
+        "video": video,
+        "sources": sources_summary,
+        "frames_decoded": sum(g.images for g in cap.groups),
         "frames_kept": n,
-        "frames_dropped_blurred": selection.dropped_blurred,
-        "frames_dropped_duplicates": selection.dropped_duplicates,
+        "frames_dropped_blurred": sum(s.dropped_blurred for s in selections),
+        "frames_dropped_duplicates": sum(s.dropped_duplicates for s in selections),
         "frames_registered": stats["frames_registered"],
         "registered_fraction": round(fraction, 4),
         "points3D": stats["points3D"],
         "mean_reprojection_error_px": stats["mean_reprojection_error_px"],
         "mean_track_length": stats["mean_track_length"],
         "models_found": len(models),
-        "path_jump_ratio": round(path.jump_ratio, 2),
-        "weakest_link_points": path.weakest_link,
-        "weakest_link_ratio": round(path.weakest_link_ratio, 3),
-        "jump_link_points": path.jump_link,
-        "parallax_verdict": parallax.verdict,
-        "parallax_seconds": round(parallax.seconds, 2),
+        "path_jump_ratio": round(path.jump_ratio, 2) if path is not None else None,
+        "weakest_link_points": path.weakest_link if path is not None else None,
+        "weakest_link_ratio": round(path.weakest_link_ratio, 3) if path is not None else None,
+        "jump_link_points": path.jump_link if path is not None else None,
+        "parallax_verdict": parallax_verdict,
+        "parallax_seconds": round(parallax_seconds, 2),
         "retried_with_exhaustive": retried,
         "image_pairs_matched": len(pairs),
         "image_pairs_verified": pair_stats.verified_pairs,
@@ -596,7 +768,7 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
         "scene": scene,
         "settings": vars(opts)
         | {
-            "first_octave": sfm.first_octave_for(*size, opts),
+            "first_octave": sfm.first_octave_for(*first_size, opts),
             "skip_undistortion": args.skip_undistortion,
         },
         "stage_seconds": {k: round(v, 2) for k, v in clock.wall.items()},
@@ -604,6 +776,9 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
         "total_seconds": round(time.perf_counter() - started, 2),
         "warnings": warnings,
     }
+    if len(cap.groups) > 1:
+        summary["cameras"] = sfm.dataset_cameras(dataset)
+    return summary
 
 
 def protocol_stream() -> TextIO:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -79,9 +80,10 @@ class Selection:
     motion_widths: float = 0.0
 
 
-def frame_name(index: int) -> str:
-    """File name of the kept frame with decode index `index`."""
-    return f"frame_{index:06d}.jpg"
+def frame_name(index: int, prefix: str = "") -> str:
+    """File name of the kept frame with decode index `index` (`prefix` names the source of a
+    capture with several, e.g. `s02_`)."""
+    return f"{prefix}frame_{index:06d}.jpg"
 
 
 def open_video(path: Path) -> av.container.InputContainer:
@@ -169,11 +171,11 @@ def _write_jpeg(path: Path, frame: av.VideoFrame, rotation: int) -> None:
 
 
 def scan_video(
-    path: Path, out_dir: Path, max_candidates: int, progress: ProgressFn
+    path: Path, out_dir: Path, max_candidates: int, progress: ProgressFn, *, prefix: str = ""
 ) -> tuple[VideoInfo, FrameScan]:
     """Decode the video once: sharpness, motion and a thumbnail for every frame, stream facts,
     and the sharpest frame of every slot of consecutive frames (about `max_candidates` in all)
-    written upright to `out_dir` as a candidate for selection."""
+    written upright to `out_dir` as a candidate for selection (named with `prefix`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     container = open_video(path)
     try:
@@ -225,7 +227,7 @@ def scan_video(
                         steps.append((index, _flow_magnitude(anchor, thumb)))
                     anchor, next_anchor_time = thumb, t + 1.0 / MOTION_RATE_HZ
                 if best is not None and best[0] // slot != index // slot:
-                    _write_jpeg(out_dir / frame_name(best[0]), best[2], info.rotation)
+                    _write_jpeg(out_dir / frame_name(best[0], prefix), best[2], info.rotation)
                     candidates.append(best[0])
                     best = None
                 if best is None or sharp[-1] > best[1]:
@@ -235,7 +237,7 @@ def scan_video(
         except (av.error.FFmpegError, ValueError) as exc:
             info.decode_warning = f"decoding stopped after {len(times)} frames: {exc}"
         if best is not None:
-            _write_jpeg(out_dir / frame_name(best[0]), best[2], info.rotation)
+            _write_jpeg(out_dir / frame_name(best[0], prefix), best[2], info.rotation)
             candidates.append(best[0])
     finally:
         container.close()
@@ -337,24 +339,32 @@ def select_frames(
 
 
 def keep_frames(
-    out_dir: Path, scan: FrameScan, selection: Selection, progress: ProgressFn
+    out_dir: Path, scan: FrameScan, selection: Selection, progress: ProgressFn, prefix: str = ""
 ) -> list[str]:
     """Delete the candidate frames that were not selected; returns the kept file names."""
     kept = set(selection.indices)
     cand = range(len(scan.times)) if scan.candidates is None else scan.candidates
     for index in cand:
         if int(index) not in kept:
-            (out_dir / frame_name(int(index))).unlink(missing_ok=True)
-    names = [frame_name(i) for i in sorted(kept) if (out_dir / frame_name(i)).is_file()]
+            (out_dir / frame_name(int(index), prefix)).unlink(missing_ok=True)
+    names = [
+        frame_name(i, prefix) for i in sorted(kept) if (out_dir / frame_name(i, prefix)).is_file()
+    ]
     progress(len(names), len(names))
     return names
 
 
 def save_selection(path: Path, scan: FrameScan, selection: Selection) -> None:
     """Record which frames were kept, with their time and sharpness, for later inspection."""
+    path.write_text(json.dumps(selection_record(scan, selection), indent=1))
+
+
+def selection_record(scan: FrameScan, selection: Selection, prefix: str = "") -> dict[str, Any]:
+    """The kept frames of one video with their time and sharpness, and the selection's
+    numbers (what selection.json holds, per video source for a capture with several)."""
     frames = [
         {
-            "name": frame_name(i),
+            "name": frame_name(i, prefix),
             "index": i,
             "time_s": round(float(scan.times[i]), 4),
             "sharpness": round(float(scan.sharpness[i]), 2),
@@ -363,4 +373,4 @@ def save_selection(path: Path, scan: FrameScan, selection: Selection) -> None:
         for i in selection.indices
     ]
     summary = {k: v for k, v in asdict(selection).items() if k != "indices"}
-    path.write_text(json.dumps({**summary, "frames": frames}, indent=1))
+    return {**summary, "frames": frames}
