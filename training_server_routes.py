@@ -4,7 +4,7 @@ work is done by the task manager's pieces (records, control, health).
 
 Route table (all behind the API token when one is set):
 
-    POST   /upload                   a video -> a new task (202)
+    POST   /upload                   a video, a ZIP of photos, several files -> a new task (202)
     GET    /status/{id}              the task (the seed's status fields first)
     GET    /tasks                    a page of tasks: ids in `tasks`, objects in `items`
     GET    /tasks/{id}               the same as /status/{id}
@@ -47,15 +47,15 @@ from training_server_models import (
     UploadResponse,
 )
 from training_server_process import tail_text
+from training_server_sources import accept_upload
 from training_server_tasks import TaskManager
 from training_server_upload import (
     ClientGoneError,
-    probe_video,
+    check_free_disk,
     receive_upload,
     upload_openapi,
     upload_params,
 )
-from training_server_utils import sanitize_filename
 
 LOG_CHUNK = 64 * 1024
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -84,9 +84,10 @@ def _action(task: TaskPublic) -> ActionResponse:
     responses={**ERRORS, **{code: {"model": ErrorBody} for code in (400, 413, 415, 507)}},
 )
 async def upload(request: Request, settings: Settings, manager: Manager) -> JSONResponse:
-    """Upload a video (multipart field `file`, parameters as query or form fields); it is
-    queued for preprocessing and, with auto_training (alias start_training, default true),
-    for training after that."""
+    """Upload a video (multipart field `file`, parameters as query or form fields); or a ZIP
+    of photos, or several photos or videos of one scene (the field repeated). It is queued
+    for preprocessing and, with auto_training (alias start_training, default true), for
+    training after that."""
     query = dict(request.query_params)
     upload_params(settings, query, {})  # fail before the body is read
     task_id = str(uuid.uuid4())
@@ -100,16 +101,19 @@ async def upload(request: Request, settings: Settings, manager: Manager) -> JSON
             min_free_bytes=settings.min_free_bytes,
         )
         params, auto = upload_params(settings, query, received.fields)
-        info = await probe_video(settings, received.path)
-        video_name = "input" + info.pop("extension", ".video")
-        received.path.rename(task_dir / video_name)
+        capture = await accept_upload(
+            settings,
+            task_dir,
+            received.files,
+            lambda: check_free_disk(task_dir, 0, settings.min_free_bytes),
+        )
         task = await manager.control.create(
             task_id,
             params=params,
-            video_filename=video_name,
-            video_size=received.size,
-            original_filename=sanitize_filename(received.filename),
-            video_info=info,
+            video_filename=capture.video_filename,
+            video_size=capture.size,
+            original_filename=capture.original_filename,
+            video_info=capture.info,
         )
     except ClientGoneError:
         await asyncio.to_thread(shutil.rmtree, task_dir, True)

@@ -1,47 +1,41 @@
 """Uploads: receive a multipart body straight into the task folder (parsed as it streams
 with python-multipart's streaming parser, written once, never held in memory, bounded in size,
-field count and header size, checked against the free disk while it arrives), read the upload's
-parameters from query and form alike (declared once, by `UploadParams`), and check by content
-that the file is a video.
+field count and header size, checked against the free disk while it arrives; one `file` part
+or several, each to its own file), read the upload's parameters from query and form alike
+(declared once, by `UploadParams`), and check by content that a file is a video (photos and
+ZIPs: training_server_sources).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import shutil
-import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiofiles
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
-from pydantic import ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-import training_server_trainer as trainer
 from training_server_limits import DiskReservations, Reservation
 from training_server_models import (
-    HERE,
     BadRequestError,
     InsufficientStorageError,
     PayloadTooLargeError,
-    ServerConfig,
-    TaskParams,
-    UnprocessableError,
     UnsupportedMediaError,
-    UploadParams,
 )
-from training_server_process import run_captured
-from training_server_utils import human_bytes, readable_errors
-from training_server_webhooks import check_webhook_url
+from training_server_sources import probe_video
+from training_server_upload_params import UPLOAD_FIELDS, upload_openapi, upload_params
+from training_server_utils import human_bytes, sanitize_filename
+
+# The parameters and the video probe moved to their own modules; kept importable from here.
+__all__ = ["UPLOAD_FIELDS", "probe_video", "upload_openapi", "upload_params"]
 
 FILE_FIELD = "file"
 MAX_FIELDS = 16
+MAX_FILES = 1000  # `file` parts of one upload (several videos or photos of one scene)
 MAX_FIELD_BYTES = 1024
 MAX_HEADERS_PER_PART = 8
 MAX_HEADER_BYTES = 2048
@@ -55,13 +49,24 @@ class ClientGoneError(Exception):
 
 
 @dataclass
+class ReceivedFile:
+    """One `file` part on disk and its client-side name."""
+
+    path: Path
+    size: int = 0
+    filename: str | None = None
+
+
+@dataclass
 class ReceivedUpload:
-    """What arrived: the file's bytes on disk, its client-side name, and the form fields."""
+    """What arrived: the first file's bytes on disk and its client-side name, the size of all
+    files, every file (`files`, in the order sent), and the form fields."""
 
     path: Path
     size: int = 0
     filename: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
+    files: list[ReceivedFile] = field(default_factory=list)
 
 
 def _disposition(value: bytes) -> tuple[str | None, str | None]:
@@ -101,11 +106,11 @@ class _PartCollector:
         self.is_file = False
         self.file_seen = False
         self.file_done = False
-        self.filename: str | None = None
+        self.filenames: list[str | None] = []  # one per `file` part, in order
         self.value = bytearray()
         self.fields: dict[str, str] = {}
-        # The file's data not written yet: views into the received chunks (no copy).
-        self.file_chunks: list[memoryview | bytes] = []
+        # The files' data not written yet: (file number, view into the received chunk).
+        self.file_chunks: list[tuple[int, memoryview | bytes]] = []
         self.file_pending = 0
         self.parts = 0
 
@@ -122,8 +127,10 @@ class _PartCollector:
 
     def on_part_begin(self) -> None:
         self.parts += 1
-        if self.parts > MAX_FIELDS + 1:
-            raise BadRequestError(f"Too many form parts: at most {MAX_FIELDS} fields and a file.")
+        if self.parts > MAX_FIELDS + MAX_FILES:
+            raise BadRequestError(
+                f"Too many form parts: at most {MAX_FIELDS} fields and {MAX_FILES} files."
+            )
         self.headers = {}
         self.name = None
         self.is_file = False
@@ -148,19 +155,19 @@ class _PartCollector:
             raise BadRequestError("Every form part needs a Content-Disposition with a name.")
         self.name = name
         if name == FILE_FIELD:
-            if self.file_seen:
-                raise BadRequestError("Send one video per upload.")
             self.file_seen = True
+            self.file_done = False
             self.is_file = True
-            self.filename = filename
+            self.filenames.append(filename)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.is_file:
             # The request's chunks are immutable bytes: keep views into them, not copies.
+            index = len(self.filenames) - 1
             if isinstance(data, bytes):
-                self.file_chunks.append(memoryview(data)[start:end])
+                self.file_chunks.append((index, memoryview(data)[start:end]))
             else:
-                self.file_chunks.append(bytes(data[start:end]))
+                self.file_chunks.append((index, bytes(data[start:end])))
             self.file_pending += end - start
         else:
             self.value += data[start:end]
@@ -179,7 +186,8 @@ class _PartCollector:
 async def receive_upload(
     request: Request, target: Path, *, max_bytes: int, min_free_bytes: int
 ) -> ReceivedUpload:
-    """Stream the request's multipart body; the `file` part goes to `target`.
+    """Stream the request's multipart body; the first `file` part goes to `target`, any
+    further ones beside it (`upload-1.part`, ...).
 
     Raises an ApiError subclass (400, 413, 415, 507) or ClientGoneError; the caller removes
     `target` on any error.
@@ -251,7 +259,7 @@ async def _receive_upload(
         raise BadRequestError(f"Bad multipart boundary: {exc}") from None
     result = ReceivedUpload(path=target)
 
-    async def _receive_into(out: AsyncBufferedIOBase) -> None:
+    async def _receive_into(out: _Files) -> None:
         received = 0
         next_disk_check = DISK_CHECK_EVERY
         try:
@@ -281,9 +289,12 @@ async def _receive_upload(
         if collector.file_pending:
             result.size += await _flush(out, collector)
 
+    files = _Files(target)
     try:
-        async with aiofiles.open(target, "wb") as out:
-            await _receive_into(out)
+        try:
+            await _receive_into(files)
+        finally:
+            await files.close()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientStorageError(
@@ -294,117 +305,57 @@ async def _receive_upload(
         raise BadRequestError("The upload ended before the multipart body was complete.")
     if not collector.file_seen:
         raise BadRequestError("No video in the upload: send it in a form field named 'file'.")
-    if result.size == 0:
-        raise UnsupportedMediaError("The uploaded file is empty.")
-    result.filename = collector.filename
+    result.files = [
+        ReceivedFile(files.path(k), files.sizes.get(k, 0), name)
+        for k, name in enumerate(collector.filenames)
+    ]
+    for received in result.files:
+        if received.size == 0:
+            raise UnsupportedMediaError(
+                "The uploaded file is empty."
+                if len(result.files) == 1
+                else f"The uploaded file {sanitize_filename(received.filename)} is empty."
+            )
+    result.filename = collector.filenames[0]
     result.fields = collector.fields
     return result
 
 
-async def _flush(out: AsyncBufferedIOBase, collector: _PartCollector) -> int:
-    """Write the file's pending chunks (one worker-thread hop); returns the bytes written."""
+class _Files:
+    """The upload's files on disk, opened one after the other as their parts arrive."""
+
+    def __init__(self, first: Path) -> None:
+        self.first = first
+        self.sizes: dict[int, int] = {}
+        self.index = -1
+        self.out: AsyncBufferedIOBase | None = None
+
+    def path(self, index: int) -> Path:
+        return self.first if index == 0 else self.first.with_name(f"upload-{index}.part")
+
+    async def write(self, index: int, chunks: list[memoryview | bytes]) -> None:
+        if index != self.index:
+            await self.close()
+            self.out = await aiofiles.open(self.path(index), "wb")
+            self.index = index
+        assert self.out is not None
+        await self.out.writelines(chunks)
+        self.sizes[index] = self.sizes.get(index, 0) + sum(len(c) for c in chunks)
+
+    async def close(self) -> None:
+        if self.out is not None:
+            await self.out.close()
+            self.out = None
+
+
+async def _flush(out: _Files, collector: _PartCollector) -> int:
+    """Write the files' pending chunks (a worker-thread hop per file); returns the bytes."""
     chunks, size = collector.file_chunks, collector.file_pending
     collector.file_chunks, collector.file_pending = [], 0
-    await out.writelines(chunks)
+    run: list[memoryview | bytes] = []
+    for k, (index, chunk) in enumerate(chunks):
+        run.append(chunk)
+        if k + 1 == len(chunks) or chunks[k + 1][0] != index:
+            await out.write(index, run)
+            run = []
     return size
-
-
-# -- the upload's parameters and the content probe ------------------------------------------
-
-# Accepted under the seed's name as well: start_training means auto_training.
-SEED_ALIASES = {"start_training": "auto_training"}
-UPLOAD_FIELDS = frozenset(UploadParams.model_fields) | frozenset(SEED_ALIASES)
-
-
-def upload_params(
-    settings: ServerConfig, query: Mapping[str, str], form: Mapping[str, str]
-) -> tuple[TaskParams, bool]:
-    """The task's parameters from the upload's query and form fields (form wins; unknown
-    names are ignored), validated once by `UploadParams`; 422 in words otherwise."""
-    data: dict[str, str] = {}
-    for source in (query, form):
-        for name, value in source.items():
-            if name in UPLOAD_FIELDS:
-                key = SEED_ALIASES.get(name, name)
-                if key != name and key in source:
-                    continue  # the new name given beside the old one wins
-                data[key] = value
-    try:
-        upload = UploadParams.model_validate(data)
-    except ValidationError as exc:
-        raise UnprocessableError(readable_errors(list(exc.errors()))) from None
-    check_webhook_url(settings, upload.webhook_url)
-    max_frames = upload.max_frames or max(settings.default_max_frames, upload.min_frames or 0)
-    min_frames = upload.min_frames or min(settings.default_min_frames, max_frames)
-    if min_frames > max_frames:
-        raise UnprocessableError("min_frames must not be larger than max_frames")
-    iterations = trainer.resolve_iterations(
-        upload.iterations, upload.preset, settings.trainer_iterations
-    )
-    passed = {
-        name: value
-        for name, value in upload.model_dump().items()
-        if name in TaskParams.model_fields and name not in _RESOLVED
-    }
-    params = TaskParams(
-        **passed,
-        max_frames=max_frames,
-        min_frames=min_frames,
-        auto_training=upload.auto_training,
-        iterations=iterations,
-    )
-    return params, upload.auto_training
-
-
-_RESOLVED = frozenset({"max_frames", "min_frames", "auto_training", "iterations"})
-
-
-def upload_openapi() -> dict[str, Any]:
-    """The OpenAPI description of POST /upload's body and query, from `UploadParams`."""
-    fields = UploadParams.model_json_schema().get("properties", {})
-    fields = {**fields, "start_training": {"type": "boolean", "description": "= auto_training"}}
-    return {
-        "parameters": [
-            {"name": name, "in": "query", "required": False, "schema": schema}
-            for name, schema in fields.items()
-        ],
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {"file": {"type": "string", "format": "binary"}, **fields},
-                    }
-                }
-            },
-        },
-    }
-
-
-async def probe_video(settings: ServerConfig, path: Path) -> dict[str, Any]:
-    """Check by content that `path` is a decodable video (in a subprocess); 415 otherwise."""
-    outcome, output = await run_captured(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.probe",
-            "--timeout",
-            str(settings.probe_timeout),
-            str(path),  # absolute: the task folders are under the resolved temp_dir
-        ],
-        cwd=HERE,  # where the pipeline package is
-        timeout_s=settings.probe_timeout,
-    )
-    lines = output.strip().splitlines()
-    try:
-        answer = json.loads(lines[-1]) if lines else {}
-    except ValueError:
-        answer = {}
-    if outcome.timed_out:
-        raise UnsupportedMediaError("Checking the video took too long; is it a valid video?")
-    if outcome.returncode == 0 and "width" in answer:
-        return answer
-    reason = answer.get("error") or "The file could not be read as a video."
-    raise UnsupportedMediaError(reason)

@@ -123,10 +123,12 @@ def test_multipart_abuse_is_refused(start_server, tmp_path):
         )
         assert post_multipart(client, many_headers).status_code == 400
 
+        # Several videos of one scene are welcome (tests/test_photo_upload.py); the same
+        # file twice is not.
         two_files = multipart([], video)[: -len(f"--{BOUNDARY}--\r\n")] + multipart([], video)
         response = post_multipart(client, two_files)
         assert response.status_code == 400
-        assert "one video" in response.json()["detail"]
+        assert "same file twice" in response.json()["detail"]
 
         unterminated = multipart([], video)[:-20]
         response = post_multipart(client, unterminated)

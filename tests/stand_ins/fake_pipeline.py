@@ -1,9 +1,11 @@
 """Stand-in for run_pipeline.py, used ONLY by the server's tests.
 
-It accepts run_pipeline.py's command line, prints `@progress` lines in the stage protocol
-(docs/stage-protocol.md) over FAKE_PIPELINE_SECONDS, and writes the real output layout: a small
-COLMAP dataset (`images_undistorted/images/*.jpg`, `images_undistorted/sparse/0/*.bin`, PINHOLE)
-and `preprocess_summary.json`. Its behaviour is chosen by environment variables:
+It accepts run_pipeline.py's command line (`--video_path` a video, repeated, or a folder of
+sources as the server lays out uploads of several files), prints `@progress` lines in the
+stage protocol (docs/stage-protocol.md) over FAKE_PIPELINE_SECONDS, and writes the real output
+layout: a small COLMAP dataset (`images_undistorted/images/*.jpg`,
+`images_undistorted/sparse/0/*.bin`, PINHOLE) and `preprocess_summary.json`. Its behaviour is
+chosen by environment variables:
 
     FAKE_PIPELINE_MODE     ok | fail | crash | hang | spawn | flood | silent | close_stdout | fill
     FAKE_PIPELINE_SECONDS  how long an `ok` run takes (default 1.0)
@@ -84,7 +86,40 @@ def write_colmap(sparse: Path, names: list[str]) -> int:
     return len(points)
 
 
-def write_dataset(output_dir: Path) -> None:
+def describe_sources(paths: list[Path]) -> list[dict[str, object]]:
+    """What run_pipeline.py's summary says of its sources (`sources`): one per video file,
+    one per folder of photos inside a folder of inputs, and the photos directly in it."""
+    found: list[dict[str, object]] = []
+    for path in paths:
+        if not path.is_dir():
+            found.append({"label": path.name, "kind": "video", "file": path.name, "images": 120})
+            continue
+        photos = [p for p in sorted(path.iterdir()) if p.is_file() and is_photo(p)]
+        for entry in sorted(path.iterdir()):
+            if entry.is_dir():
+                count = sum(1 for p in entry.iterdir() if is_photo(p))
+                label = entry.name.split("_", 1)[-1]
+                entry_info = {"label": label, "kind": "photos", "file": entry.name}
+                found.append(entry_info | {"images": count})
+            elif entry not in photos:
+                label = entry.name.split("_", 1)[-1]
+                found.append({"label": label, "kind": "video", "file": entry.name, "images": 120})
+        if photos:
+            found.append(
+                {"label": path.name, "kind": "photos", "file": path.name, "images": len(photos)}
+            )
+    for entry in found:
+        entry |= {"frames_kept": FRAMES, "frames_registered": FRAMES}
+    return found
+
+
+def is_photo(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(16)
+    return head.startswith((b"\xff\xd8\xff", b"\x89PNG")) or head[4:8] == b"ftyp"
+
+
+def write_dataset(output_dir: Path, inputs: list[Path]) -> None:
     images = output_dir / "images_undistorted" / "images"
     images.mkdir(parents=True, exist_ok=True)
     names = []
@@ -104,21 +139,22 @@ def write_dataset(output_dir: Path) -> None:
         "registered_fraction": 1.0,
         "points3D": points,
         "mean_reprojection_error_px": 0.42,
+        "sources": describe_sources(inputs),
     }
     (output_dir / "preprocess_summary.json").write_text(json.dumps(summary))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--video_path", required=True)
+    parser.add_argument("--video_path", required=True, type=Path, action="append")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_frames", type=int, default=100)
     parser.add_argument("--min_frames", type=int, default=20)
     parser.add_argument("--skip_undistortion", action="store_true")
     args = parser.parse_args()
     output_dir = Path(args.output_dir)
-    if not Path(args.video_path).is_file():
-        emit("error", code="not_a_video", message="The video file does not exist.")
+    if not all(p.is_file() or p.is_dir() for p in args.video_path):
+        emit("error", code="video_not_found", message="The video file does not exist.")
         return 3
     record_pid(output_dir, os.getpid())
     mode = os.environ.get("FAKE_PIPELINE_MODE", "ok")
@@ -181,7 +217,7 @@ def main() -> int:
         print('  File "fake_pipeline.py", line 1, in <module>', file=sys.stderr)
         print("RuntimeError: simulated crash in mapping", file=sys.stderr, flush=True)
         return 1
-    write_dataset(output_dir)
+    write_dataset(output_dir, args.video_path)
     print("fake pipeline: done", flush=True)
     return 0
 
