@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import shutil
 import stat
+import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Callable
@@ -151,7 +152,8 @@ def inspect_image(path: Path, name: str) -> ImageInfo:
             f"{' or HEIC' if HEIC_SUPPORTED else ''}): remove it and upload again.",
         )
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise SourceError(
@@ -160,7 +162,7 @@ def inspect_image(path: Path, name: str) -> ImageInfo:
                     f"at most {MAX_IMAGE_PIXELS / 1e6:.0f} MP per photo are accepted.",
                 )
             exif = image.getexif()
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise SourceError(
             "too_large",
             f"{name} claims more pixels than {MAX_IMAGE_PIXELS / 1e6:.0f} MP: it is refused.",
