@@ -45,8 +45,32 @@ export function trackingVerdict(fraction) {
 }
 
 /**
+ * How many images came from each source of a capture with several (or of photos), from the
+ * summary's `sources`: "desk: 17 photos, 17 placed · orbit.mp4: 30 of 360 frames, 28 placed";
+ * null for a single video (its numbers are the summary's own).
+ */
+export function sourcesLine(sources) {
+  if (!Array.isArray(sources) || !sources.length) return null;
+  if (sources.length === 1 && sources[0].kind !== "photos") return null;
+  return sources
+    .map((s) => {
+      const kept = s.frames_kept ?? s.images;
+      const taken =
+        s.kind === "photos"
+          ? kept === s.images
+            ? `${fmt.count(s.images)} photos`
+            : `${fmt.count(kept)} of ${fmt.count(s.images)} photos`
+          : `${fmt.count(kept)} of ${fmt.count(s.images)} frames`;
+      const placed = s.frames_registered != null ? `, ${fmt.count(s.frames_registered)} placed` : "";
+      return `${s.label}: ${taken}${placed}`;
+    })
+    .join(" · ");
+}
+
+/**
  * The preprocessing summary of `metadata.preprocessing`: a sentence, a verdict and the stats
- * as [label, value, note] rows; null before preprocessing has finished.
+ * as [label, value, note] rows (with a "Sources" row for photos or several sources); null
+ * before preprocessing has finished.
  */
 export function preprocessingSummary(pre) {
   if (!pre) return null;
@@ -54,6 +78,7 @@ export function preprocessingSummary(pre) {
   const registered = pre.frames_registered;
   const fraction = pre.registered_fraction ?? (kept ? registered / kept : null);
   const error = pre.mean_reprojection_error_px;
+  const sources = sourcesLine(pre.sources);
   const sentence =
     `${fmt.count(kept)} frames were kept` +
     (pre.frames_decoded ? ` out of ${fmt.count(pre.frames_decoded)} decoded` : "") +
@@ -71,6 +96,7 @@ export function preprocessingSummary(pre) {
       ],
       ["3D points", fmt.count(pre.points3D), null],
       ["Reprojection error", error != null ? `${error.toFixed(2)} px` : "–", null],
+      ...(sources ? [["Sources", sources, null]] : []),
     ],
   };
 }
@@ -86,10 +112,21 @@ export function trainingStats(train) {
   ];
 }
 
-/** "1920 × 1080 · 12 s · 29.97 fps · H264 · 883 KiB", or "–". */
+/** "1920 × 1080 · 12 s · 29.97 fps · H264 · 883 KiB", or "–"; for a capture of several
+ * sources "2 videos, 12 photos · 1280 × 720 · …" (the first source's size). */
 export function videoLine(video = {}, size = null) {
+  const counts =
+    video.kind === "capture"
+      ? [
+          video.videos ? `${fmt.count(video.videos)} video${video.videos === 1 ? "" : "s"}` : null,
+          video.photos ? `${fmt.count(video.photos)} photo${video.photos === 1 ? "" : "s"}` : null,
+        ]
+          .filter(Boolean)
+          .join(", ")
+      : null;
   return (
     [
+      counts || null,
       video.width && video.height ? `${video.width} × ${video.height}` : null,
       video.duration != null ? fmt.duration(video.duration) : null,
       video.fps ? `${Number(video.fps).toFixed(video.fps % 1 ? 2 : 0)} fps` : null,

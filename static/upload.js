@@ -1,12 +1,20 @@
-// The upload form: choose or drop a video, set the frames and training options, send it with
-// a progress bar (bytes, speed, time left) that can be stopped; the new task then opens.
-// The video goes as a resumable tus upload (tus-js-client, from node_modules) when the server
-// serves it, so a dropped connection or a reload resumes where it stopped; otherwise as one
-// POST /upload.
+// The upload form: choose or drop a video (or several videos, photos or a ZIP of photos of one
+// scene), set the frames and training options, send it with a progress bar (bytes, speed,
+// time left) that can be stopped; the new task then opens. A single video goes as a
+// resumable tus upload (tus-js-client, from node_modules) when the server serves it, so a
+// dropped connection or a reload resumes where it stopped; otherwise, and for photos, a ZIP
+// or several files, as one POST /upload.
 
 import { $, h, setBar, setText, show } from "./dom.js";
 import * as fmt from "./format.js";
 import { createUploadMeter, uploadErrorTitle, uploadFields } from "./upload-fields.js";
+import {
+  ACCEPT,
+  describeSelection,
+  resumable as isResumable,
+  selectionErrorTitle,
+  sendFiles,
+} from "./upload-files.js";
 import { startTusUpload, TUS_SCRIPT, tusUnsupported } from "./upload-tus.js";
 
 let tusLibrary; // the promise of tus-js-client, or of null when it is not installed
@@ -92,21 +100,24 @@ export function mountUpload(doc, ctx) {
   const errorBox = $("#upload-error", doc);
   const barElement = $("#upload-bar", doc);
   const numbers = $("#upload-numbers", doc);
-  let file = null;
+  let files = [];
   let request = null;
+  input.multiple = true;
+  input.accept = ACCEPT;
 
   function choose(chosen) {
-    file = chosen || null;
-    zone.classList.toggle("has-file", Boolean(file));
-    if (file) {
-      setText($("#file-title", doc), file.name);
-      setText($("#file-hint", doc), `${fmt.bytes(file.size)} · choose another or drop it here`);
+    files = Array.from(chosen || []);
+    zone.classList.toggle("has-file", files.length > 0);
+    if (files.length === 1 && isResumable(files)) {
+      setText($("#file-title", doc), files[0].name);
+      setText($("#file-hint", doc), `${fmt.bytes(files[0].size)} · choose another or drop it here`);
     } else {
-      setText($("#file-title", doc), "Choose a video");
-      setText($("#file-hint", doc), "or drop it here · walk around the subject while filming");
+      const { title, hint } = describeSelection(files);
+      setText($("#file-title", doc), title);
+      setText($("#file-hint", doc), hint);
     }
     show(errorBox, false);
-    button.disabled = !file || Boolean(request);
+    button.disabled = !files.length || Boolean(request);
   }
 
   function formValues() {
@@ -130,7 +141,7 @@ export function mountUpload(doc, ctx) {
     for (const element of form.querySelectorAll("input, select, fieldset")) {
       element.disabled = active;
     }
-    button.disabled = active || !file;
+    button.disabled = active || !files.length;
     show($("#upload-cancel", doc), active);
     show($("#upload-progress", doc), active);
     zone.classList.toggle("disabled", active);
@@ -138,7 +149,7 @@ export function mountUpload(doc, ctx) {
 
   async function submit(event) {
     event.preventDefault();
-    if (!file || request) return;
+    if (!files.length || request) return;
     const { params, problems } = uploadFields(formValues());
     if (problems.length) {
       showError("Check the settings.", problems.map((p) => p.text).join(" "));
@@ -146,13 +157,20 @@ export function mountUpload(doc, ctx) {
       return;
     }
     show(errorBox, false);
-    const sending = file;
+    const chosen = files;
+    const sending = {
+      name: chosen.length === 1 ? chosen[0].name : describeSelection(chosen).title,
+      size: chosen.reduce((sum, f) => sum + f.size, 0),
+    };
     const meter = createUploadMeter();
     barElement.dataset.phase = "sending";
     setBar(barElement, 0, "busy");
     setText(numbers, `0 B of ${fmt.bytes(sending.size)}`);
     let lastQuarter = 0;
-    request = sendFile(ctx.api, sending, params, {
+    const send = isResumable(chosen)
+      ? (api, p, callbacks) => sendFile(api, chosen[0], p, callbacks)
+      : (api, p, callbacks) => sendFiles(api, chosen, p, callbacks);
+    request = send(ctx.api, params, {
       onProgress: ({ loaded, total }) => {
         // Count the file's bytes, not the form's boundaries around them.
         const fraction = total ? Math.min(1, loaded / total) : 0;
@@ -169,7 +187,8 @@ export function mountUpload(doc, ctx) {
       onSent: () => {
         setBar(barElement, 100);
         barElement.dataset.phase = "checking";
-        setText(numbers, `${fmt.bytes(sending.size)} sent · the server is checking the video…`);
+        const what = isResumable(chosen) ? "the video" : "the files";
+        setText(numbers, `${fmt.bytes(sending.size)} sent · the server is checking ${what}…`);
       },
     });
     setUploading(true);
@@ -194,13 +213,16 @@ export function mountUpload(doc, ctx) {
       request = null;
       setUploading(false);
       if (error.status === -1) ctx.notify.toast("Upload stopped.", "info");
-      else showError(uploadErrorTitle(error.status), error.detail);
+      else {
+        const title = selectionErrorTitle(error.status, chosen) || uploadErrorTitle(error.status);
+        showError(title, error.detail);
+      }
     } finally {
       delete barElement.dataset.phase;
     }
   }
 
-  input.addEventListener("change", () => choose(input.files[0]));
+  input.addEventListener("change", () => choose(input.files));
   for (const name of ["dragenter", "dragover"]) {
     zone.addEventListener(name, (event) => {
       event.preventDefault();
@@ -214,8 +236,8 @@ export function mountUpload(doc, ctx) {
     event.preventDefault();
     zone.classList.remove("dragging");
     if (request) return;
-    const dropped = event.dataTransfer?.files?.[0];
-    if (dropped) choose(dropped);
+    const dropped = event.dataTransfer?.files;
+    if (dropped?.length) choose(dropped);
   });
   // A file dropped anywhere else must not make the browser leave the page.
   window.addEventListener("dragover", (event) => event.preventDefault());
@@ -224,5 +246,6 @@ export function mountUpload(doc, ctx) {
     show($("#iterations-field", doc), event.target.value === "custom");
   });
   form.addEventListener("submit", submit);
+  choose([]); // the drop zone says what it takes: a video, photos or a ZIP of photos
   $("#upload-cancel", doc).addEventListener("click", () => request?.abort());
 }
