@@ -191,9 +191,10 @@ class RayExecutor:
         if self.storage_problem:
             return Capacity(running, f"waiting: {self.storage_problem}")
         need = self.needs(stage)
-        pending = sum(
-            1 for h in self._handles.values() if h.stage == stage and not h.shown_in(view)
-        )
+        # Our runs that the usage figures do not count yet: those claimed but not submitted
+        # (no handle yet), submitted but not placed, or placed after (or just before) the read.
+        shown = sum(1 for h in self._handles.values() if h.stage == stage and h.shown_in(view))
+        pending = max(0, running - shown)
         startable = 0
         for node in (n for n in view.nodes if n.alive):
             fits = [
@@ -206,8 +207,7 @@ class RayExecutor:
         if startable > 0:
             return Capacity(running + startable, None)
         main = "GPU" if need["GPU"] > 0 else "CPU"
-        # What the cluster reports free, less what our jobs its usage figures do not show yet
-        # will take (they lag a submission, and a placement, by a moment).
+        # What the cluster reports free, less what our runs it does not show yet will take.
         free = max(0, sum(math.floor(f) for f in view.free(main)) - pending * int(need[main]))
         total = math.floor(view.total(main))
         what = "a free GPU" if main == "GPU" else f"{need['CPU']:g} free CPUs"

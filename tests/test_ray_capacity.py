@@ -32,8 +32,12 @@ def executor(tmp_path: Path, *nodes: NodeInfo, read_at: float) -> RayExecutor:
     ex = RayExecutor(settings, tmp_path)
     ex.settings_problem = None
     ex.storage_problem = None
-    ex._view = ClusterView(reachable=True, ray_version="2.60.0", nodes=list(nodes))
-    ex._view.read_at = read_at  # a fresh read: cluster() reuses it
+    view = ClusterView(reachable=True, ray_version="2.60.0", nodes=list(nodes), read_at=read_at)
+
+    async def cluster(max_age: float = 1.0) -> ClusterView:
+        return view  # what the dashboard answered at `read_at`
+
+    ex.cluster = cluster  # type: ignore[method-assign]
     return ex
 
 
@@ -69,6 +73,16 @@ def test_once_the_figures_show_a_job_it_is_not_counted_twice(tmp_path: Path) -> 
     ex = executor(tmp_path, node("a", 0.0), node("b", 1.0), read_at=now)
     training_running(ex, "t1", placed_at=placed)
     assert capacity(ex, running=1) == (2, None)
+
+
+def test_a_run_claimed_but_not_submitted_yet_counts(tmp_path: Path) -> None:
+    now = time.monotonic()
+    ex = executor(tmp_path, node("a", 1.0), node("b", 1.0), read_at=now)
+    # One run claimed by the scheduler, its job not submitted yet (no handle).
+    assert capacity(ex, running=1) == (2, None)
+    limit, waiting = capacity(ex, running=2)
+    assert limit == 2
+    assert waiting == "waiting for a free GPU in the cluster (0 of 2 free)"
 
 
 @pytest.mark.parametrize("free", [0.0, 1.0])
