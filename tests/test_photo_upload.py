@@ -272,3 +272,32 @@ def test_zip_upload_openapi_says_files_may_repeat(start_server):
         spec = client.get("/openapi.json").json()
     body = spec["paths"]["/upload"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert "ZIP of photos" in body["schema"]["properties"]["file"]["description"]
+
+
+def test_a_failed_capture_is_retried_from_the_same_inputs(start_server, monkeypatch, tmp_path):
+    """The inputs folder is the task's input, as the video is: a retry's clean rerun keeps it
+    and runs the pipeline on it again."""
+    monkeypatch.setenv("FAKE_PIPELINE_MODE", "fail")
+    server = start_server()
+    with server.client() as client:
+        answer = post_files(client, [("desk.zip", photo_zip(12))], start_training="false")
+        assert answer.status_code == 202, answer.text
+        task_id = answer.json()["task_id"]
+        assert wait_status(client, task_id, TERMINAL)["status"] == "failed"
+        assert client.post(f"/tasks/{task_id}/retry").status_code == 200
+        status = wait_for_attempt(client, task_id, 2)
+        assert status["status"] == "failed"
+        photos = tmp_path / "temp_workspace" / task_id / "inputs" / "01_desk"
+        assert len(list(photos.iterdir())) == 12
+        log = client.get(f"/logs/{task_id}").text
+        assert log.count(f"--video_path {tmp_path / 'temp_workspace' / task_id / 'inputs'} ") == 2
+
+
+def wait_for_attempt(client: httpx.Client, task_id: str, attempt: int) -> dict:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = client.get(f"/status/{task_id}").json()
+        if status["attempts"] >= attempt and status["status"] in TERMINAL:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"attempt {attempt} did not end: {status}")
