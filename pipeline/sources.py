@@ -180,8 +180,9 @@ def inspect_image(path: Path, name: str) -> ImageInfo:
 def describe_camera(info: ImageInfo) -> str:
     """ "Apple iPhone 13, 5.1 mm, 3024 x 4032" (what is known of the camera)."""
     make, model = info.camera[:2]
-    brand = f"{make} {model}".strip() if model.lower().find(make.lower()) else model
-    parts = [brand or "no camera in EXIF"]
+    # Many makers repeat their name in the model ("Canon EOS R6"): say it once.
+    brand = model if make and model.lower().startswith(make.lower()) else f"{make} {model}"
+    parts = [brand.strip() or "no camera in EXIF"]
     if info.camera[2]:
         parts.append(f"{info.camera[2]:g} mm")
     parts.append(f"{info.width} x {info.height}")

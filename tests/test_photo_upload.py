@@ -170,6 +170,19 @@ def test_a_photo_zip_several_photos_and_several_videos_become_one_task_each(star
         assert status["video_size"] == OFFICE_VIDEO.stat().st_size + STATIC_VIDEO.stat().st_size
         # A retry runs from the same inputs (the folder is the task's input, as a video is).
         assert client.post(f"/tasks/{task_id}/retry").status_code == 409  # it succeeded
+        # A video and a ZIP of photos together: a source each.
+        answer = post_files(
+            client,
+            [("walk.mp4", OFFICE_VIDEO.read_bytes()), ("close-ups.zip", photo_zip(3, "near/"))],
+            start_training="false",
+        )
+        assert answer.status_code == 202, answer.text  # 3 photos are enough beside a video
+        mixed = client.get(f"/status/{answer.json()['task_id']}").json()["metadata"]["video"]
+        assert [(s["kind"], s["label"]) for s in mixed["sources"]] == [
+            ("video", "walk.mp4"),
+            ("photos", "near"),
+        ]
+        assert (mixed["videos"], mixed["photos"]) == (1, 3)
         # Deleting the task removes its inputs with it.
         assert client.delete(f"/tasks/{task_id}").status_code == 200
 
