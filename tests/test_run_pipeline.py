@@ -546,7 +546,11 @@ def test_static_camera_video_fails_fast_and_clearly(tmp_path):
     assert re.search(r"Only \d+ of \d+ frames could be placed", error["message"])
     assert "camera hardly moves" in error["message"]
     assert "Walk" in error["message"]
-    assert run.seconds < 60
+    # Refused after one reconstruction, not after a second, exhaustive one (how long that
+    # takes is measured in bench/, not asserted: 28 s on an idle 2-core machine, 123 s beside
+    # a CPU hog and a test run).
+    assert run.stderr.count("] mapping (") == 1, run.stderr
+    assert "retrying with exhaustive matching" not in run.stderr
     assert not (tmp_path / "out" / "images_undistorted").exists()
 
 
