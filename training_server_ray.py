@@ -35,9 +35,13 @@ HTTP_TIMEOUT = 5.0  # seconds for one call to the cluster
 STORAGE_EXIT = 97  # the entrypoint's exit code when the node does not see the shared folder
 PROBE_NAME = ".ray_storage_probe"
 CLUSTER_TTL = 1.0  # seconds a read of the cluster's resources is reused
-# A job's resources show in the cluster's usage figures a moment after Ray placed it: until a
-# read this long after that, the server counts the job as not yet shown (never two on one GPU).
+# The usage figures the dashboard gives are the autoscaler's snapshot, written every 5 s
+# (AUTOSCALER_UPDATE_INTERVAL_S) with its time: a job of ours counts as shown in them only
+# when it was placed this long before the snapshot, and one that ended after the snapshot has
+# its resources counted free again. Without a time, a snapshot is taken to be this old.
 USAGE_LAG = 1.5
+SNAPSHOT_AGE = 5.0
+ENDED_MEMORY = 60.0  # seconds the server remembers where its ended jobs ran
 FIRST_OUTPUT_POLL = 0.2  # seconds between reads of a young job's whole (small) log
 FIRST_OUTPUT_WINDOW = 15.0  # seconds after submission the log is read that way, then tailed
 FIRST_OUTPUT_MAX = 64 * 1024  # characters: past this, too, Ray's tail follows the log
@@ -81,7 +85,8 @@ class ClusterView:
     ray_version: str | None = None
     nodes: list[NodeInfo] = field(default_factory=list)
     problem: str | None = None
-    read_at: float = 0.0
+    read_at: float = 0.0  # time.monotonic() of the read
+    figures_at: float = 0.0  # time.monotonic() of the usage snapshot it carries
 
     def free(self, resource: str) -> list[float]:
         """Free amount of `resource` on each live node."""
@@ -109,6 +114,8 @@ class RayExecutor:
         self._probe_token = secrets.token_hex(8)
         self.settings_problem = _settings_problem(settings)
         self._handles: dict[str, RayHandle] = {}  # submission id -> live handle
+        # Our jobs that ended lately: (node id, stage, placed at, ended at), monotonic times.
+        self._ended: list[tuple[str, Stage, float, float]] = []
         self.detaching = False  # the server shuts down: its jobs go on without it
 
     def detach(self) -> None:
@@ -166,11 +173,15 @@ class RayExecutor:
                 asyncio.to_thread(self._get_json, "/api/cluster_status"),
             )
             view = _parse_cluster(version, nodes, status)
+            as_of = (status["data"].get("clusterStatus") or {}).get("time")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             view = ClusterView(
                 reachable=False, problem=f"the Ray cluster at {self.address} is unreachable: {exc}"
             )
+            as_of = None
         view.read_at = time.monotonic()
+        age = time.time() - as_of if isinstance(as_of, int | float) else SNAPSHOT_AGE
+        view.figures_at = view.read_at - min(max(age, 0.0), 60.0)
         self._view = view
         return view
 
@@ -192,13 +203,16 @@ class RayExecutor:
             return Capacity(running, f"waiting: {self.storage_problem}")
         need = self.needs(stage)
         # Our runs that the usage figures do not count yet: those claimed but not submitted
-        # (no handle yet), submitted but not placed, or placed after (or just before) the read.
+        # (no handle yet), submitted but not placed, or placed after (or just before) the
+        # snapshot. And what our jobs that ended since the snapshot freed, per node.
         shown = sum(1 for h in self._handles.values() if h.stage == stage and h.shown_in(view))
         pending = max(0, running - shown)
+        freed = self._freed_since(view)
         startable = 0
         for node in (n for n in view.nodes if n.alive):
+            back = freed.get(node.node_id, {})
             fits = [
-                math.floor(free / need[res] + 1e-9)
+                math.floor((free + back.get(res, 0.0)) / need[res] + 1e-9)
                 for res, free in (("GPU", node.gpus_free), ("CPU", node.cpus_free))
                 if need[res] > 0
             ]
@@ -212,6 +226,18 @@ class RayExecutor:
         total = math.floor(view.total(main))
         what = "a free GPU" if main == "GPU" else f"{need['CPU']:g} free CPUs"
         return Capacity(running, f"waiting for {what} in the cluster ({free} of {total} free)")
+
+    def _freed_since(self, view: ClusterView) -> dict[str, dict[str, float]]:
+        """Resources per node that our jobs held in the snapshot of `view` and have freed."""
+        now = time.monotonic()
+        self._ended = [e for e in self._ended if now - e[3] < ENDED_MEMORY]
+        freed: dict[str, dict[str, float]] = {}
+        for node_id, stage, placed_at, ended_at in self._ended:
+            if placed_at + USAGE_LAG <= view.figures_at < ended_at:
+                back = freed.setdefault(node_id, {"GPU": 0.0, "CPU": 0.0})
+                for res, amount in self.needs(stage).items():
+                    back[res] += amount
+        return freed
 
     async def node_name(self, node_id: str | None) -> str | None:
         """`host (ip, node id-prefix)` of a node id, as far as the last cluster read knows it."""
@@ -360,7 +386,12 @@ class RayExecutor:
         return 1 if handle.was_running else 0
 
     def forget(self, handle: RayHandle) -> None:
-        self._handles.pop(handle.submission_id, None)
+        """Drop a closed handle; remember where an ended job ran (see _freed_since)."""
+        if self._handles.pop(handle.submission_id, None) is None:
+            return
+        node_id = handle.ref.get("node_id")
+        if handle.placed_at is not None and node_id and handle.returncode is not None:
+            self._ended.append((node_id, handle.stage, handle.placed_at, handle.ended_at))
 
 
 class RayHandle:
@@ -373,6 +404,7 @@ class RayHandle:
         self.submission_id: str = ref["submission_id"]
         self.placed = False  # the cluster reported it running on a node
         self.placed_at: float | None = None  # when this server first saw it running
+        self.ended_at = 0.0  # when this server saw it end
         self.was_running = False
         self.on_ref_change: Callable[[Ref], Any] | None = None
         self._returncode: int | None = None
@@ -395,7 +427,7 @@ class RayHandle:
 
     def shown_in(self, view: ClusterView) -> bool:
         """Whether the cluster's usage figures in `view` already count this job."""
-        return self.placed_at is not None and view.read_at >= self.placed_at + USAGE_LAG
+        return self.placed_at is not None and view.figures_at >= self.placed_at + USAGE_LAG
 
     def _deliver(self, text: str) -> None:
         if self._on_output is not None and text:
@@ -489,6 +521,7 @@ class RayHandle:
                         with contextlib.suppress(Exception):
                             await self.on_ref_change(dict(self.ref))
             if status in TERMINAL:
+                self.ended_at = time.monotonic()
                 error_type = str(getattr(info, "error_type", "") or "").split(".")[-1]
                 if status == "FAILED" and error_type != "JOB_ENTRYPOINT_COMMAND_ERROR":
                     self._returncode = -1
@@ -523,6 +556,7 @@ class RayHandle:
                 status = str(info.status).split(".")[-1]
                 if status in TERMINAL:
                     self._returncode = self._returncode or (-15 if status == "STOPPED" else 1)
+                    self.ended_at = self.ended_at or time.monotonic()
                     return
                 if status == "RUNNING":
                     self.was_running = True

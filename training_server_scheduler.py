@@ -21,6 +21,9 @@ from training_server_runner import Runner
 
 log = logging.getLogger("training_server")
 IDLE_WAKE = 5.0  # seconds between fills when nothing wakes the loop
+# While queued work waits for a cluster's resources (which change without telling us), the
+# queues are looked at this often.
+CLUSTER_WAKE = 1.0
 RECONCILE_BACKOFF_MAX = 300.0  # longest pause before a task lost again is re-queued again
 
 
@@ -42,6 +45,7 @@ class Scheduler:
         self.health = health
         self.accepting = False
         self._wake = asyncio.Event()
+        self._cluster_waiting = False  # queued work waited for the cluster at the last fill
         self._lost: dict[str, tuple[int, float]] = {}  # task -> (times lost, not before)
         self._limits: dict[Stage, int] = {
             Stage.PREPROCESSING: settings.preprocess_slots,
@@ -101,7 +105,7 @@ class Scheduler:
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a cancel that lands
             # as the event is set, which left shutdown waiting on this loop forever.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(IDLE_WAKE):
+                async with asyncio.timeout(CLUSTER_WAKE if self._cluster_waiting else IDLE_WAKE):
                     await self._wake.wait()
             self._wake.clear()
             await self.fill_slots()
@@ -109,6 +113,7 @@ class Scheduler:
     async def fill_slots(self) -> None:
         """Start queued tasks while their stage has free slots."""
         await self._reconcile()
+        self._cluster_waiting = False
         for stage in Stage:
             queued = await self.db.queued(stage.value)
             if not queued:
@@ -118,6 +123,7 @@ class Scheduler:
             if busy >= limit:
                 if self.accepting:
                     await self._say_waiting(stage, queued)
+                self._cluster_waiting |= self.waiting[stage] is not None
                 continue
             for task_id in queued:
                 if not self.accepting or busy >= limit:

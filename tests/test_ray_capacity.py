@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from training_server_models import ServerConfig, Stage
-from training_server_ray import USAGE_LAG, ClusterView, NodeInfo, RayExecutor
+from training_server_ray import USAGE_LAG, ClusterView, NodeInfo, RayExecutor, RayHandle
 
 
 def node(name: str, gpus_free: float) -> NodeInfo:
@@ -32,7 +32,13 @@ def executor(tmp_path: Path, *nodes: NodeInfo, read_at: float) -> RayExecutor:
     ex = RayExecutor(settings, tmp_path)
     ex.settings_problem = None
     ex.storage_problem = None
-    view = ClusterView(reachable=True, ray_version="2.60.0", nodes=list(nodes), read_at=read_at)
+    view = ClusterView(
+        reachable=True,
+        ray_version="2.60.0",
+        nodes=list(nodes),
+        read_at=read_at,
+        figures_at=read_at,  # the autoscaler's snapshot: as old as the read here
+    )
 
     async def cluster(max_age: float = 1.0) -> ClusterView:
         return view  # what the dashboard answered at `read_at`
@@ -41,11 +47,16 @@ def executor(tmp_path: Path, *nodes: NodeInfo, read_at: float) -> RayExecutor:
     return ex
 
 
-def training_running(ex: RayExecutor, task: str, placed_at: float | None) -> None:
+def training_running(
+    ex: RayExecutor, task: str, placed_at: float | None, node_id: str | None = None
+) -> RayHandle:
     ref = {"executor": "ray", "submission_id": f"ts-{task}-training-1", "node": None}
+    if node_id:
+        ref["node_id"] = node_id
     handle = ex._handle(ref, Stage.TRAINING)
     handle.placed = placed_at is not None
     handle.placed_at = placed_at
+    return handle
 
 
 def capacity(ex: RayExecutor, running: int) -> tuple[int, str | None]:
@@ -93,3 +104,43 @@ def test_a_view_read_before_the_placement_counts_the_job(tmp_path: Path, free: f
     limit, waiting = capacity(ex, running=1)
     assert limit == 1
     assert waiting == "waiting for a free GPU in the cluster (0 of 1 free)"
+
+
+def test_a_job_that_ended_after_the_snapshot_frees_its_gpu_at_once(tmp_path: Path) -> None:
+    now = time.monotonic()
+    # The snapshot (up to 5 s old) still shows node a's GPU taken by our job, which ended since.
+    ex = executor(tmp_path, node("a", 0.0), node("b", 0.0), read_at=now)
+    done = training_running(ex, "t1", placed_at=now - 20, node_id="a" * 8)
+    training_running(ex, "t2", placed_at=now - 20, node_id="b" * 8)
+    assert capacity(ex, running=2) == (2, "waiting for a free GPU in the cluster (0 of 2 free)")
+    done._returncode = 0
+    done.ended_at = now + 0.5
+    asyncio.run(done.close())
+    assert capacity(ex, running=1) == (2, None)  # node a again; b still runs t2
+    # A job that ended before the snapshot was taken is not added back (the figures know).
+    ex2 = executor(tmp_path, node("a", 1.0), read_at=now)
+    old = training_running(ex2, "t3", placed_at=now - 20, node_id="a" * 8)
+    old._returncode = 0
+    old.ended_at = now - 1
+    asyncio.run(old.close())
+    assert capacity(ex2, running=0) == (1, None)
+
+
+def test_the_snapshot_time_comes_from_the_autoscaler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = ServerConfig(base_dir=tmp_path, executor="ray", ray_address="http://127.0.0.1:1")
+    ex = RayExecutor(settings, tmp_path)
+    status = {"data": {"clusterStatus": {"time": time.time() - 3.0, "loadMetricsReport": {}}}}
+    answers = {
+        "/api/version": {"ray_version": "2.60.0"},
+        "/nodes?view=summary": {"data": {"summary": []}},
+        "/api/cluster_status": status,
+    }
+    monkeypatch.setattr(ex, "_get_json", lambda path: answers[path])
+    view = asyncio.run(ex.cluster(max_age=0))
+    assert view.reachable
+    assert 2.5 < view.read_at - view.figures_at < 3.5
+    del status["data"]["clusterStatus"]["time"]  # no time: taken to be one period old
+    view = asyncio.run(ex.cluster(max_age=0))
+    assert view.read_at - view.figures_at == pytest.approx(5.0)
