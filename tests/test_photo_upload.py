@@ -6,6 +6,7 @@ sample and on two rendered orbits at two heights."""
 
 from __future__ import annotations
 
+import io
 import json
 import stat
 import sys
@@ -170,6 +171,18 @@ def test_a_photo_zip_several_photos_and_several_videos_become_one_task_each(star
         assert status["video_size"] == OFFICE_VIDEO.stat().st_size + STATIC_VIDEO.stat().st_size
         # A retry runs from the same inputs (the folder is the task's input, as a video is).
         assert client.post(f"/tasks/{task_id}/retry").status_code == 409  # it succeeded
+        # iPhone photos (HEIC) are read too.
+        heic = []
+        for k, image in enumerate(office_photos(10)):
+            out = io.BytesIO()
+            image.save(out, "HEIF", quality=80)
+            heic.append((f"IMG_{k:04d}.HEIC", out.getvalue()))
+        answer = post_files(client, [("iphone.zip", make_zip(heic))], start_training="false")
+        assert answer.status_code == 202, answer.text
+        found = client.get(f"/status/{answer.json()['task_id']}").json()["metadata"]["video"]
+        assert found["sources"][0]["formats"] == ["HEIF"]
+        assert found["sources"][0]["images"] == 10
+
         # A video and a ZIP of photos together: a source each.
         answer = post_files(
             client,
