@@ -168,6 +168,11 @@ def test_a_photo_zip_several_photos_and_several_videos_become_one_task_each(star
             ("video", "low orbit.mp4", 640),
             ("video", "high.mp4", 1280),
         ]
+        pre = status["metadata"]["preprocessing"]["sources"]
+        assert [(s["kind"], s["label"]) for s in pre] == [
+            ("video", "low_orbit.mp4"),
+            ("video", "high.mp4"),
+        ]
         assert status["video_size"] == OFFICE_VIDEO.stat().st_size + STATIC_VIDEO.stat().st_size
         # A retry runs from the same inputs (the folder is the task's input, as a video is).
         assert client.post(f"/tasks/{task_id}/retry").status_code == 409  # it succeeded

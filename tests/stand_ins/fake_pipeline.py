@@ -116,7 +116,8 @@ def describe_sources(paths: list[Path]) -> list[dict[str, object]]:
 def is_photo(path: Path) -> bool:
     with path.open("rb") as f:
         head = f.read(16)
-    return head.startswith((b"\xff\xd8\xff", b"\x89PNG")) or head[4:8] == b"ftyp"
+    heif = head[4:8] == b"ftyp" and head[8:12] in {b"heic", b"heix", b"heim", b"heis", b"mif1"}
+    return head.startswith((b"\xff\xd8\xff", b"\x89PNG")) or heif
 
 
 def write_dataset(output_dir: Path, inputs: list[Path]) -> None:
