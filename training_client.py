@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, NoReturn, Protocol
 
@@ -258,9 +258,34 @@ class MultipartUploader:
         self, path: Path, params: dict[str, str], on_progress: Callable[[int], None]
     ) -> dict[str, Any]:
         """Send the file; the server's 202 answer."""
-        with path.open("rb") as f:
-            body = ProgressFile(f, on_progress)
-            files = {"file": (path.name, body, "application/octet-stream")}
+        return self.upload_capture([path], params, on_progress)
+
+    def upload_capture(
+        self, paths: list[Path], params: dict[str, str], on_progress: Callable[[int], None]
+    ) -> dict[str, Any]:
+        """Send several files (photos, ZIPs of photos, videos of one scene) in one request,
+        one `file` part each: the server makes one task, one capture, of them."""
+        sent = [0] * len(paths)
+
+        def progress(index: int) -> Callable[[int], None]:
+            def update(position: int) -> None:
+                sent[index] = position
+                on_progress(sum(sent))
+
+            return update
+
+        with ExitStack() as stack:
+            files = [
+                (
+                    "file",
+                    (
+                        path.name,
+                        ProgressFile(stack.enter_context(path.open("rb")), progress(k)),
+                        "application/octet-stream",
+                    ),
+                )
+                for k, path in enumerate(paths)
+            ]
             return self.api.json("POST", "/upload", params=params, files=files, timeout=None)
 
 
@@ -376,6 +401,27 @@ def upload_params(
     if max_frames is not None:
         params["max_frames"] = str(max_frames)
     return params
+
+
+def capture_with_bar(
+    uploader: MultipartUploader, paths: list[Path], params: dict[str, str], quiet: bool
+) -> Any:
+    """Upload several files as one capture with one bytes / speed / ETA bar on stderr."""
+    size = sum(p.stat().st_size for p in paths)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, disable=quiet, transient=False) as progress:
+        bar = progress.add_task(f"upload {len(paths)} files", total=size)
+        answer = uploader.upload_capture(
+            paths, params, lambda sent: progress.update(bar, completed=sent)
+        )
+        progress.update(bar, completed=size)
+    return answer
 
 
 def upload_with_bar(uploader: Uploader, path: Path, params: dict[str, str], quiet: bool) -> Any:
@@ -709,6 +755,12 @@ def _check_ended(tasks: Iterable[dict[str, Any]]) -> None:
 @click.option("--no-train", is_flag=True, help="Preprocess only (no training after).")
 @click.option("--wait", is_flag=True, help="Follow the task(s) to the end.")
 @click.option(
+    "--one-capture",
+    is_flag=True,
+    help="Send all FILES as one task (e.g. orbits of one scene at two heights); photos and "
+    "ZIPs of photos always go as one.",
+)
+@click.option(
     "--resumable",
     is_flag=True,
     help="Upload with tus (/uploads/): a dropped connection, or running the same command "
@@ -738,6 +790,7 @@ def submit(
     max_frames: int | None,
     no_train: bool,
     wait: bool,
+    one_capture: bool,
     resumable: bool,
     download_dir: Path | None,
     fmt: str,
@@ -745,15 +798,17 @@ def submit(
     token: str | None,
     as_json: bool,
 ) -> None:
-    """Upload videos, one task each; optionally follow them and download the results.
-
-    Photos are refused: the server takes one video per upload."""
-    photos = [f for f in files if f.suffix.lower() in PHOTO_SUFFIXES]
-    if photos:
+    """Upload videos (one task each), or photos / ZIPs of photos / --one-capture videos (one
+    task for all FILES); optionally follow them and download the results."""
+    stills = [f for f in files if f.suffix.lower() in PHOTO_SUFFIXES | {".zip"}]
+    together = one_capture or bool(stills)
+    if together and resumable:
         _fail(
-            f"photos are not supported yet ({', '.join(map(str, photos))}): the server takes "
-            "one video per upload; several videos make several tasks"
+            "--resumable sends one video per upload: photos, ZIPs and --one-capture go in one "
+            "POST /upload (drop --resumable)"
         )
+    if len(set(map(Path.resolve, files))) < len(files):
+        _fail("the same file is given twice")
     if preset and iterations is not None:
         _fail("give --preset or --iterations, not both")
     if no_train and (preset or iterations is not None):
@@ -768,11 +823,16 @@ def submit(
         else MultipartUploader(state.api)
     )
     answers = []
-    for path in files:
-        answer = upload_with_bar(uploader, path, params, quiet=as_json)
+    batches = [list(files)] if together else [[path] for path in files]
+    for batch in batches:
+        if together:  # not resumable (refused above): one multipart request
+            answer = capture_with_bar(MultipartUploader(state.api), batch, params, as_json)
+        else:
+            answer = upload_with_bar(uploader, batch[0], params, quiet=as_json)
         answers.append(answer)
         if not as_json:
-            stderr.print(f"{answer['task_id']}  {answer.get('status')}  ({path.name})")
+            names = ", ".join(p.name for p in batch)
+            stderr.print(f"{answer['task_id']}  {answer.get('status')}  ({names})")
         if answer.get("auto_training") and not answer.get("training_available", True):
             reason = answer.get("training_unavailable_reason") or "training is not available"
             stderr.print(f"note: {reason}", markup=False)

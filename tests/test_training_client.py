@@ -186,6 +186,37 @@ def test_json_outputs_parse(server: ServerProcess, tmp_path: Path) -> None:
     assert gone.returncode == 3 and json_out(gone)["http_status"] == 404
 
 
+def test_photos_a_zip_and_videos_of_one_scene_go_as_one_task_each_submit(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    from test_photo_sources import jpeg, make_zip, office_photos
+
+    photos = [jpeg(image, model="Desk") for image in office_photos(12)]
+    archive = tmp_path / "desk.zip"
+    archive.write_bytes(make_zip([(f"desk/{k:02}.jpg", p) for k, p in enumerate(photos[:6])]))
+    loose = []
+    for k, data in enumerate(photos[6:]):
+        loose.append(tmp_path / f"loose-{k}.jpg")
+        loose[-1].write_bytes(data)
+    result = run_cli(
+        "submit", str(archive), *map(str, loose), "--no-train", "--wait", "--json",
+        server=server.url, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (task,) = json_out(result)["tasks"]
+    assert task["status"] == "preprocessing_completed", task
+    sources = task["metadata"]["video"]["sources"]
+    assert sum(source["images"] for source in sources) == 12, sources
+    # Videos stay one task each, unless --one-capture joins them.
+    copy = padded_video(tmp_path / "second.mp4", OFFICE_VIDEO.stat().st_size + 1024)
+    result = run_cli(
+        "submit", str(OFFICE_VIDEO), str(copy), "--no-train", "--one-capture", "--json",
+        server=server.url,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(json_out(result)["tasks"]) == 1
+
+
 def test_failed_task_exits_1_with_its_error(
     start_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -240,7 +271,8 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     cases = {
         ("submit",): "Missing argument",
         ("submit", str(tmp_path / "missing.mp4")): "does not exist",
-        ("submit", str(photo)): "photos are not supported yet",
+        ("submit", str(photo), "--resumable"): "--resumable sends one video per upload",
+        ("submit", str(OFFICE_VIDEO), str(OFFICE_VIDEO)): "the same file is given twice",
         ("submit", str(OFFICE_VIDEO), "--preset", "fast", "--iterations", "5"): "not both",
         ("submit", str(OFFICE_VIDEO), "--no-train", "--download", "d", "--format", "ply"): (
             "needs training"
