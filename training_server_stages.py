@@ -23,6 +23,7 @@ from typing import Any
 
 import training_server_exports as exports
 import training_server_trainer as trainer
+import training_server_trainer_progress as trainer_progress
 from training_server_executor import Executor, RunHandle, StageCommand, follow_handle, run_command
 from training_server_models import CommandHealth, EndReason, ServerConfig, Stage, TaskParams
 from training_server_process import ProcessOutcome, TaskLog, run_captured
@@ -148,7 +149,7 @@ def failure(stage: Stage, outcome: ProcessOutcome, log: TaskLog, timeout_s: floa
             f"{name} timed out after {timeout_s:g} s and was stopped.",
         )
     tail = "\n".join(
-        line for line in log.tail[-TAIL_IN_ERROR:] if not trainer.is_progress_output(line)
+        line for line in log.tail[-TAIL_IN_ERROR:] if not trainer_progress.is_progress_output(line)
     )
     code = outcome.returncode
     if code is not None and code < 0:
@@ -301,7 +302,7 @@ async def check_training(settings: ServerConfig, checkout: Path | None) -> Comma
     return CommandHealth(available=ok, detail=detail)
 
 
-def _training_fields(update: trainer.TrainingProgress, label: str) -> dict[str, Any]:
+def _training_fields(update: trainer_progress.TrainingProgress, label: str) -> dict[str, Any]:
     return {
         "step": "training",
         "label": label,
@@ -413,7 +414,9 @@ async def train(ctx: StageContext) -> StageResult:
     label = "Training"
     if plan.resume:
         label = f"Training (resumed from step {plan.start_step} of {iterations})"
-    parser = trainer.TrainingProgressParser(total_steps=iterations, initial_step=plan.start_step)
+    parser = trainer_progress.TrainingProgressParser(
+        total_steps=iterations, initial_step=plan.start_step
+    )
     if plan.action != "complete":
         ctx.log.event(resolution.describe())
         if resolution.factor > 1:

@@ -28,7 +28,6 @@ from training_server_trainer import (
     PRESETS,
     ResumePlan,
     TrainerSetup,
-    TrainingProgressParser,
     TrainingResultError,
     build_fit_command,
     check_if_stale,
@@ -41,9 +40,7 @@ from training_server_trainer import (
     down_sampled_size,
     explain_trainer_failure,
     find_trainer_checkout,
-    is_progress_output,
     latest_checkpoint,
-    parse_tqdm_line,
     prepare_downsampled_images,
     prepare_output_dir,
     prune_snapshots,
@@ -55,6 +52,11 @@ from training_server_trainer import (
     trainer_environment,
     training_quality,
     write_probe_dataset,
+)
+from training_server_trainer_progress import (
+    TrainingProgressParser,
+    is_progress_output,
+    parse_tqdm_line,
 )
 
 FAKE_CHECKOUT = Path(__file__).parent / "fake_trainer"
