@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 import training_server_spz as spz
-import training_server_trainer as trainer
+import training_server_trainer_output as trainer_output
 from training_server_models import (
     ConflictError,
     ErrorBody,
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("training_server")
 
-MODEL_SPZ = trainer.MODEL_SPZ  # beside the final .ply's folder, in the result ZIP
+MODEL_SPZ = trainer_output.MODEL_SPZ  # beside the final .ply's folder, in the result ZIP
 PREVIEW_SPZ = "preview.spz"
 PREVIEW_INFO = "preview.json"  # the step the preview shows, written after preview.spz
 PREVIEW_POLL_SECONDS = 2.0
@@ -189,7 +189,7 @@ def newest_snapshot(output_dir: Path, below: int | None) -> Snapshot | None:
         try:
             if directory.is_symlink() or ply.is_symlink() or not ply.is_file():
                 continue
-            trainer.read_ply_header(ply)  # ValueError while it is still being written
+            trainer_output.read_ply_header(ply)  # ValueError while it is still being written
             stat = ply.stat()
         except (OSError, ValueError):
             continue

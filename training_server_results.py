@@ -19,7 +19,7 @@ from starlette.responses import MalformedRangeHeader, Response, StreamingRespons
 from zipstream import ZipStream
 
 import training_server_preview as preview
-import training_server_trainer as trainer
+import training_server_trainer_output as trainer_output
 from training_server_deps import Manager, TaskId, require_token
 from training_server_models import (
     ApiError,
@@ -111,7 +111,7 @@ async def download(request: Request, task_id: TaskId, manager: Manager) -> Respo
     if task.results.model:
         output_dir = manager.paths.output_dir(task_id)
         files = await asyncio.to_thread(
-            trainer.result_files, output_dir, task.params.keep_checkpoint
+            trainer_output.result_files, output_dir, task.params.keep_checkpoint
         )
         filename = f"{task_id}_output.zip"
     elif task.results.dataset:

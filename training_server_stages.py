@@ -23,6 +23,7 @@ from typing import Any
 
 import training_server_exports as exports
 import training_server_trainer as trainer
+import training_server_trainer_output as trainer_output
 import training_server_trainer_progress as trainer_progress
 from training_server_executor import Executor, RunHandle, StageCommand, follow_handle, run_command
 from training_server_models import CommandHealth, EndReason, ServerConfig, Stage, TaskParams
@@ -356,15 +357,15 @@ def choose_resolution(params: TaskParams, settings: ServerConfig, dataset: Path)
     """The task's down-sample factor: the one it asked for, else the smallest that brings the
     longest side to its (or the server's) max_image_size."""
     try:
-        source: tuple[int, int] | None = trainer.dataset_image_size(dataset)
+        source: tuple[int, int] | None = trainer_output.dataset_image_size(dataset)
     except ValueError:
         source = None
     if params.down_sample_factor is not None:
         factor, limit = params.down_sample_factor, None
     else:
         limit = params.max_image_size or settings.trainer_max_image_size
-        factor = trainer.choose_down_sample_factor(source, limit) if source else 1
-    size = trainer.down_sampled_size(source, factor) if source else None
+        factor = trainer_output.choose_down_sample_factor(source, limit) if source else 1
+    size = trainer_output.down_sampled_size(source, factor) if source else None
     return Resolution(factor, source, size, limit)
 
 
@@ -382,7 +383,7 @@ class _SnapshotWatch:
         self._tail = window[-len(self.MARK) :]
         if self.MARK in window:
             with contextlib.suppress(OSError):
-                trainer.prune_snapshots(self._output_dir)
+                trainer_output.prune_snapshots(self._output_dir)
 
 
 async def train(ctx: StageContext) -> StageResult:
@@ -406,9 +407,9 @@ async def train(ctx: StageContext) -> StageResult:
     iterations = ctx.params.iterations
     hold_out = ctx.params.hold_out if ctx.params.hold_out is not None else settings.trainer_hold_out
     if ctx.attached is not None:  # the trainer runs on in this folder: leave it as it is
-        plan = trainer.ResumePlan("fresh", "Reattached to the training that kept running")
+        plan = trainer_output.ResumePlan("fresh", "Reattached to the training that kept running")
     else:
-        plan = await asyncio.to_thread(trainer.prepare_output_dir, output_dir, iterations)
+        plan = await asyncio.to_thread(trainer_output.prepare_output_dir, output_dir, iterations)
     ctx.log.event(plan.message)
     resolution = await asyncio.to_thread(choose_resolution, ctx.params, settings, dataset)
     label = "Training"
@@ -420,7 +421,9 @@ async def train(ctx: StageContext) -> StageResult:
     if plan.action != "complete":
         ctx.log.event(resolution.describe())
         if resolution.factor > 1:
-            await asyncio.to_thread(trainer.prepare_downsampled_images, dataset, resolution.factor)
+            await asyncio.to_thread(
+                trainer_output.prepare_downsampled_images, dataset, resolution.factor
+            )
         argv = trainer.build_fit_command(
             python=settings.trainer_python,
             checkout=ctx.checkout,
@@ -470,11 +473,13 @@ async def train(ctx: StageContext) -> StageResult:
             )
         finally:
             await previews.stop()
-        await asyncio.to_thread(trainer.prune_snapshots, output_dir, iterations)
+        await asyncio.to_thread(trainer_output.prune_snapshots, output_dir, iterations)
         if outcome.timed_out or outcome.returncode != 0:
             return failure(Stage.TRAINING, outcome, ctx.log, timeout_s)
     try:
-        results: dict[str, Any] = dict(await asyncio.to_thread(trainer.collect_results, output_dir))
+        results: dict[str, Any] = dict(
+            await asyncio.to_thread(trainer_output.collect_results, output_dir)
+        )
     except (OSError, ValueError) as exc:
         return StageResult(
             EndReason.FAILED, "Training failed", f"Training ended without a model: {exc}"

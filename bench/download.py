@@ -6,7 +6,7 @@ same files to a file and against reading them once (`cat > /dev/null`).
 A real task runs to `training_completed` on a server with the test stand-ins for the
 pipeline and the trainer; then its final `point_cloud.ply` is replaced by a large file (random
 bytes behind the stand-in's PLY header) so that the files the ZIP holds — exactly the list
-`training_server_trainer.result_files` gives the download route — add up to the size. The
+`training_server_trainer_output.result_files` gives the download route — add up to the size. The
 same files, hard-linked under their names in the archive, are what `zip` and `cat` read.
 The download is fetched by curl, to a file on the same disk (vs `zip`) and to /dev/null (vs
 `cat`). All reads come from the page cache (the files are read once before the runs); the
@@ -46,7 +46,7 @@ from common import (
     timed,
 )
 
-import training_server_trainer as trainer
+import training_server_trainer_output as trainer_output
 
 BLOCK = 64 * MIB
 METHODS = {
@@ -60,7 +60,7 @@ METHODS = {
 
 def grow_result(output_dir: Path, total: int) -> list[tuple[Path, str]]:
     """Enlarge the final .ply so the ZIP's files add up to `total` bytes; returns them."""
-    files = trainer.result_files(output_dir, keep_checkpoint=False)
+    files = trainer_output.result_files(output_dir, keep_checkpoint=False)
     ply = next(p for p, name in files if name.endswith("point_cloud.ply"))
     others = sum(p.stat().st_size for p, _ in files if p != ply)
     header = ply.read_bytes().split(b"end_header\n", 1)[0] + b"end_header\n"
@@ -70,7 +70,7 @@ def grow_result(output_dir: Path, total: int) -> list[tuple[Path, str]]:
         out.write(header)
         while remaining > 0:
             remaining -= out.write(block[: min(BLOCK, remaining)])
-    return trainer.result_files(output_dir, keep_checkpoint=False)
+    return trainer_output.result_files(output_dir, keep_checkpoint=False)
 
 
 def stage(files: list[tuple[Path, str]], folder: Path) -> list[Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 import training_server_spz as spz
-import training_server_trainer as trainer
+import training_server_trainer_output as trainer_output
 from conftest import TERMINAL, upload, wait_status
 
 
@@ -44,7 +44,7 @@ def test_a_finished_training_has_an_spz_in_metadata_download_and_zip(start_serve
         ply = _output(tmp_path, task_id) / meta["ply_path"]
         assert meta["spz_ratio"] == round(len(data) / ply.stat().st_size, 4)
         header, gaussians = spz.decode_spz(data)
-        vertices = trainer.read_ply_header(ply).vertex_count
+        vertices = trainer_output.read_ply_header(ply).vertex_count
         assert header.version == 3
         assert header.count == vertices == meta["gaussian_count"] == gaussians.count
         assert header.sh_degree == 3
