@@ -38,6 +38,23 @@ def live_stages(root: Path) -> list[int]:
     return pids
 
 
+def describe(pids: list[int]) -> list[str]:
+    """Each pid with its task marker and state, for a failure's message."""
+    found = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            marker = [
+                item
+                for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                if item.startswith(b"TRAINING_SERVER_TASK_ID=")
+            ]
+            found.append(f"{pid} {stat[stat.rfind(')') + 2]} {marker}")
+        except OSError as exc:
+            found.append(f"{pid} gone ({exc})")
+    return found
+
+
 def test_cancel_or_delete_right_after_upload_never_leaves_a_stage_running(
     start_server, monkeypatch, tmp_path
 ):
@@ -64,8 +81,9 @@ def test_cancel_or_delete_right_after_upload_never_leaves_a_stage_running(
                 assert "Internal error" not in (task["error_message"] or "")
                 outcomes["cancelled"] = outcomes.get("cancelled", 0) + 1
             # Never more stage processes than slots, and none once nothing runs.
-            assert len(live_stages(tmp_path)) <= 1
-        assert eventually(lambda: not live_stages(tmp_path), 20), live_stages(tmp_path)
+            live = live_stages(tmp_path)
+            assert len(live) <= 1, (index, task_id, describe(live), client.get("/tasks").text)
+        assert eventually(lambda: not live_stages(tmp_path), 20), describe(live_stages(tmp_path))
     assert outcomes == {"deleted": rounds // 2, "cancelled": rounds // 2}
 
 
