@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, NoReturn, Protocol
 
@@ -403,11 +404,10 @@ def upload_params(
     return params
 
 
-def capture_with_bar(
-    uploader: MultipartUploader, paths: list[Path], params: dict[str, str], quiet: bool
+def _with_bar(
+    label: str, size: int, quiet: bool, send: Callable[[Callable[[int], None]], Any]
 ) -> Any:
-    """Upload several files as one capture with one bytes / speed / ETA bar on stderr."""
-    size = sum(p.stat().st_size for p in paths)
+    """Run `send(on_progress)` under a bytes / speed / ETA bar on stderr."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -416,29 +416,25 @@ def capture_with_bar(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=stderr, disable=quiet, transient=False) as progress:
-        bar = progress.add_task(f"upload {len(paths)} files", total=size)
-        answer = uploader.upload_capture(
-            paths, params, lambda sent: progress.update(bar, completed=sent)
-        )
+        bar = progress.add_task(label, total=size)
+        answer = send(lambda sent: progress.update(bar, completed=sent))
         progress.update(bar, completed=size)
     return answer
+
+
+def capture_with_bar(
+    uploader: MultipartUploader, paths: list[Path], params: dict[str, str], quiet: bool
+) -> Any:
+    """Upload several files as one capture with one bar for all their bytes."""
+    size = sum(p.stat().st_size for p in paths)
+    send = partial(uploader.upload_capture, paths, params)
+    return _with_bar(f"upload {len(paths)} files", size, quiet, send)
 
 
 def upload_with_bar(uploader: Uploader, path: Path, params: dict[str, str], quiet: bool) -> Any:
     """Upload one file with a bytes / speed / ETA bar on stderr."""
-    size = path.stat().st_size
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=stderr, disable=quiet, transient=False) as progress:
-        bar = progress.add_task(f"upload {path.name}", total=size)
-        answer = uploader.upload(path, params, lambda sent: progress.update(bar, completed=sent))
-        progress.update(bar, completed=size)
-    return answer
+    send = partial(uploader.upload, path, params)
+    return _with_bar(f"upload {path.name}", path.stat().st_size, quiet, send)
 
 
 # --- following tasks -----------------------------------------------------------------------
