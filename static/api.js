@@ -147,12 +147,15 @@ export const post = (path, options) => request("POST", path, options);
 export const del = (path, options) => request("DELETE", path, options);
 
 /**
- * Upload `file` to POST /upload with `params` in the query string (the server checks them
- * before it reads the body, so a bad value fails at once). `onProgress({loaded, total})` is
- * called as bytes leave; `onSent()` once the body is sent (the server then checks the video).
+ * Upload `files` (one file, or several sent as one capture: the field `file` repeated) to
+ * POST /upload with `params` in the query string (the server checks them before it reads the
+ * body, so a bad value fails at once). `onProgress({loaded, total})` is called as bytes
+ * leave; `onSent()` once the body is sent (the server then checks the content).
  * Returns {promise, abort}; the promise resolves with the UploadResponse.
  */
-export function upload(file, params, { onProgress, onSent } = {}) {
+export function upload(files, params, { onProgress, onSent } = {}) {
+  const list = Array.isArray(files) ? files : [files];
+  const size = list.reduce((sum, f) => sum + (f.size || 0), 0);
   const xhr = new XMLHttpRequest();
   const promise = new Promise((resolve, reject) => {
     xhr.open("POST", url("upload", params));
@@ -162,7 +165,7 @@ export function upload(file, params, { onProgress, onSent } = {}) {
     xhr.upload.addEventListener("progress", (event) => {
       onProgress?.({
         loaded: event.loaded,
-        total: event.lengthComputable ? event.total : file.size,
+        total: event.lengthComputable ? event.total : size,
       });
     });
     xhr.upload.addEventListener("load", () => onSent?.());
@@ -189,13 +192,14 @@ export function upload(file, params, { onProgress, onSent } = {}) {
         new ApiError(
           0,
           "The upload was interrupted: the connection to the server closed. The server may " +
-            "be down, or the file may be larger than it accepts.",
+            `be down, or the ${list.length === 1 ? "file" : "files"} may be larger than it ` +
+            "accepts.",
         ),
       ),
     );
     xhr.addEventListener("abort", () => reject(new ApiError(-1, "The upload was stopped.")));
     const form = new FormData();
-    form.append("file", file, file.name);
+    for (const file of list) form.append("file", file, file.name);
     xhr.send(form);
   });
   return { promise, abort: () => xhr.abort() };

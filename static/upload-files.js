@@ -1,7 +1,7 @@
 // What the upload form holds when it is more than one video: the kind of each chosen file,
 // the words for the selection ("12 photos", "2 videos", "desk.zip"), whether it can go as a
-// resumable upload (one video only: tus sends one file), and the one POST /upload that sends
-// several files at once. The pure parts take no DOM; `sendFiles` drives XMLHttpRequest.
+// resumable upload (one video only: tus sends one file); api.upload sends several files at
+// once. No DOM here.
 
 import * as fmt from "./format.js";
 
@@ -73,56 +73,4 @@ export function selectionErrorTitle(status, files) {
     422: "These photos cannot make one scene.",
   };
   return titles[status] || null;
-}
-
-/**
- * Send every file in one POST /upload (the field `file` repeated), `params` in the query.
- * `onProgress({loaded, total})` as bytes leave, `onSent()` once all are sent. Returns
- * {promise, abort}; the promise resolves with the UploadResponse or rejects with an ApiError.
- */
-export function sendFiles(api, files, params, { onProgress, onSent } = {}) {
-  const xhr = new XMLHttpRequest();
-  const total = files.reduce((sum, f) => sum + (f.size || 0), 0);
-  const promise = new Promise((resolve, reject) => {
-    xhr.open("POST", api.url("upload", params));
-    xhr.responseType = "text";
-    const token = api.getToken();
-    if (token) xhr.setRequestHeader("Authorization", `Bearer ${token}`);
-    xhr.upload.addEventListener("progress", (event) => {
-      onProgress?.({ loaded: event.loaded, total: event.lengthComputable ? event.total : total });
-    });
-    xhr.upload.addEventListener("load", () => onSent?.());
-    xhr.addEventListener("load", () => {
-      let body = null;
-      try {
-        body = JSON.parse(xhr.responseText);
-      } catch {
-        /* not JSON */
-      }
-      if (xhr.status >= 200 && xhr.status < 300 && body) {
-        resolve(body);
-        return;
-      }
-      const detail =
-        (body && typeof body.detail === "string" && body.detail) ||
-        xhr.responseText.trim().slice(0, 500) ||
-        `The server answered ${xhr.status}.`;
-      if (xhr.status === 401) api.hooks.unauthorized(detail);
-      reject(new api.ApiError(xhr.status, detail));
-    });
-    xhr.addEventListener("error", () =>
-      reject(
-        new api.ApiError(
-          0,
-          "The upload was interrupted: the connection to the server closed. Send the files " +
-            "again.",
-        ),
-      ),
-    );
-    xhr.addEventListener("abort", () => reject(new api.ApiError(-1, "The upload was stopped.")));
-    const form = new FormData();
-    for (const file of files) form.append("file", file, file.name);
-    xhr.send(form);
-  });
-  return { promise, abort: () => xhr.abort() };
 }

@@ -13,7 +13,6 @@ import {
   describeSelection,
   resumable as isResumable,
   selectionErrorTitle,
-  sendFiles,
 } from "./upload-files.js";
 import { startTusUpload, TUS_SCRIPT, tusUnsupported } from "./upload-tus.js";
 
@@ -169,7 +168,7 @@ export function mountUpload(doc, ctx) {
     let lastQuarter = 0;
     const send = isResumable(chosen)
       ? (api, p, callbacks) => sendFile(api, chosen[0], p, callbacks)
-      : (api, p, callbacks) => sendFiles(api, chosen, p, callbacks);
+      : (api, p, callbacks) => api.upload(chosen, p, callbacks);
     request = send(ctx.api, params, {
       onProgress: ({ loaded, total }) => {
         // Count the file's bytes, not the form's boundaries around them.
