@@ -4,7 +4,7 @@ output line on Ray against the local executor.
 
     python bench/ray_cluster.py [--tasks 8] [--seconds 12] [--repeats 1] [--quick]
 
-A real cluster on loopback, started with `ray start` as tests/test_ray_executor.py starts it:
+A real cluster on loopback, started with `ray start` by tests/ray_local.py (as the tests start it):
 a head with no GPU (2 CPUs) and worker nodes that advertise one GPU each (no GPU is needed:
 the stand-in trainer uses none); it is stopped by killing its own processes (found by its temp
 folder and ports), never with `ray stop`. A real server (`training_server.py`, as the tests run
@@ -27,14 +27,9 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,100 +48,16 @@ from common import (
     stop_server,
     verdict,
 )
+from ray_local import RAY, Cluster
 
-from conftest import ServerProcess, free_port, upload
+from conftest import ServerProcess, upload
 
 GOAL_SPEEDUP = 1.9
 GOAL_EXTRA_S = 1.0
 STEP_SECONDS = 0.01  # the stand-in trainer's sleep per step
 PIPELINE_SECONDS = 0.5  # the stand-in pipeline's run
-RAY = Path(sys.executable).parent / "ray"
 STAGES = ("preprocessing", "training")
 TERMINAL = {"training_completed", "failed", "cancelled"}
-
-
-# -- the cluster ---------------------------------------------------------------------------
-
-
-class Cluster:
-    """A head (no GPU) and worker nodes (one "GPU" each) on loopback, started with
-    `ray start`; stopped by killing the processes that carry its temp folder or its port."""
-
-    def __init__(self) -> None:
-        # Ray's socket paths must stay under 108 bytes: a short folder of its own.
-        self.temp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))
-        self.port = free_port()
-        self.dashboard = free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard}"
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-
-    def _ray_start(self, args: list[str]) -> None:
-        # Each node on this one machine needs agent ports of its own (the defaults collide).
-        argv = [str(RAY), "start", *args]
-        for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                     "--metrics-export-port", "--runtime-env-agent-port"):  # fmt: skip
-            argv += [flag, str(free_port())]
-        subprocess.run(argv, env=self.env, check=True, capture_output=True, timeout=180)
-
-    def start_head(self) -> None:
-        """The head: 2 CPUs (preprocessing may run there), no GPU, the dashboard on loopback."""
-        self._ray_start(
-            ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(self.dashboard), "--ray-client-server-port",
-             str(free_port()), "--num-cpus", "2", "--num-gpus", "0",
-             "--object-store-memory", "100000000", "--temp-dir", str(self.temp),
-             "--include-dashboard", "true", "--disable-usage-stats"]
-        )  # fmt: skip
-
-    def add_worker(self) -> None:
-        """One worker node with one CPU and one GPU."""
-        self._ray_start(
-            ["--address", f"127.0.0.1:{self.port}", "--num-cpus", "1", "--num-gpus", "1",
-             "--object-store-memory", "80000000", "--disable-usage-stats"]
-        )  # fmt: skip
-
-    def alive_nodes(self) -> int:
-        """How many nodes the dashboard lists as alive (0 when it does not answer)."""
-        url = f"{self.address}/nodes?view=summary"
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            with urllib.request.urlopen(url, timeout=5) as response:
-                nodes = json.loads(response.read())["data"]["summary"]
-            return sum(1 for n in nodes if n["raylet"]["state"] == "ALIVE")
-        return 0
-
-    def wait_nodes(self, count: int, timeout: float = 120) -> None:
-        """Wait until `count` nodes are alive."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.alive_nodes() >= count:
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"the Ray cluster did not reach {count} nodes in {timeout} s")
-
-    def pids(self) -> list[int]:
-        """Processes of this cluster: those naming its temp folder or its GCS port."""
-        needles = [str(self.temp).encode(), f"127.0.0.1:{self.port}".encode()]
-        found = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            with contextlib.suppress(OSError):
-                cmdline = Path(entry.path, "cmdline").read_bytes()
-                if any(n in cmdline for n in needles):
-                    found.append(int(entry.name))
-        return found
-
-    def stop(self) -> None:
-        """SIGKILL every process of this cluster (and nothing else), then remove its folder."""
-        for _ in range(5):
-            pids = self.pids()
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.5)
-        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 # -- following a server ----------------------------------------------------------------------

@@ -9,8 +9,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,6 @@ import pytest
 
 from tests.conftest import (
     ServerProcess,
-    free_port,
     settings_env,
     upload,
     wait_for,
@@ -30,114 +27,11 @@ from tests.conftest import (
 ray = pytest.importorskip("ray")
 from ray.job_submission import JobSubmissionClient  # noqa: E402
 
+from tests.ray_local import Cluster, ray_nodes  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-RAY = REPO / ".venv" / "bin" / "ray"
 MARKER = "TRAINING_SERVER_TASK_ID"
 pytestmark = pytest.mark.timeout(300)
-
-
-class Cluster:
-    """A head (no GPU) and two worker nodes (one "GPU" each), started with `ray start`;
-    stopped by killing the processes that carry its temp dir or its port."""
-
-    def __init__(self, root: Path, unshare_over: Path | None = None) -> None:
-        self.root = root
-        # Ray's socket paths must stay under 108 bytes: a short folder of its own.
-        self.temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-        self.port = free_port()
-        self.dashboard = free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard}"
-        self.unshare_over = unshare_over
-        self.node_pids: dict[int, list[int]] = {}  # agent port -> the node's processes
-        self.env = {
-            **os.environ,
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_health_check_period_ms": "1000",
-            "RAY_health_check_failure_threshold": "3",
-            "RAY_health_check_initial_delay_ms": "1000",
-        }
-
-    def _ray_start(self, args: list[str]) -> None:
-        # Each node on this one machine needs agent ports of its own (the defaults collide).
-        ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                 "--metrics-export-port", "--runtime-env-agent-port"]  # fmt: skip
-        argv = [str(RAY), "start", *args]
-        agent_port = free_port()
-        argv += ["--dashboard-agent-listen-port", str(agent_port)]
-        for flag in ports[1:]:
-            argv += [flag, str(free_port())]
-        before = set(self.pids())
-        if self.unshare_over is not None:  # a node whose view of the temp dir is its own
-            where = str(self.unshare_over)
-            script = f'mkdir -p "{where}" && mount -t tmpfs none "{where}" && exec "$@"'
-            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
-        subprocess.run(argv, env=self.env, check=True, capture_output=True, timeout=120)
-        self.node_pids[agent_port] = sorted(set(self.pids()) - before)
-
-    def start_head(self, gpus: int = 0) -> None:
-        self._ray_start(
-            ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(self.dashboard), "--num-cpus", "2", "--num-gpus", str(gpus),
-             "--object-store-memory", "100000000", "--temp-dir", str(self.temp),
-             "--include-dashboard", "true", "--disable-usage-stats"]
-        )  # fmt: skip
-
-    def add_worker(self) -> None:
-        self._ray_start(
-            ["--address", f"127.0.0.1:{self.port}", "--num-cpus", "1", "--num-gpus", "1",
-             "--object-store-memory", "80000000", "--disable-usage-stats"]
-        )  # fmt: skip
-
-    def wait_nodes(self, count: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                nodes = ray_nodes(self.address)
-                if sum(1 for n in nodes if n["raylet"]["state"] == "ALIVE") >= count:
-                    return
-            time.sleep(0.5)
-        raise AssertionError(f"the cluster did not reach {count} nodes")
-
-    def pids(self) -> list[int]:
-        """Processes of this cluster: those naming its temp dir, its GCS port, or a session
-        under its temp dir."""
-        needles = [str(self.temp).encode(), f"127.0.0.1:{self.port}".encode(),
-                   f"--gcs-address=127.0.0.1:{self.port}".encode()]  # fmt: skip
-        found = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            with contextlib.suppress(OSError):
-                cmdline = Path(entry.path, "cmdline").read_bytes()
-                if any(n in cmdline for n in needles):
-                    found.append(int(entry.name))
-        return found
-
-    def stop(self) -> None:
-        for _ in range(3):
-            pids = self.pids()
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.5)
-        shutil.rmtree(self.temp, ignore_errors=True)
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def ray_nodes(address: str) -> list[dict[str, Any]]:
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(f"{address}/nodes?view=summary", timeout=5) as response:
-        return json.loads(response.read())["data"]["summary"]
 
 
 def marked(task_id: str) -> list[int]:
@@ -155,9 +49,8 @@ def marked(task_id: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp("raycluster")
-    c = Cluster(root)
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
     try:
         c.start_head(gpus=0)
         c.add_worker()
@@ -391,7 +284,7 @@ def test_storage_not_shared_is_refused(tmp_path: Path) -> None:
     if shutil.which("unshare") is None or os.geteuid() != 0:
         pytest.skip("needs unshare and root to give a node its own temp dir")
     temp = tmp_path / "temp_workspace"
-    isolated = Cluster(tmp_path, unshare_over=temp)
+    isolated = Cluster(unshare_over=temp)
     try:
         isolated.start_head(gpus=1)
         server = ray_server(tmp_path, isolated, step_seconds=0.01)
