@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fewest frames to keep (a video with fewer usable frames keeps them all)",
     )
     p.add_argument(
+        "--frame_spacing",
+        type=float,
+        default=None,
+        help="keep one frame per this much camera motion, in image widths, within the frame "
+        "limits (default: 0.04, pipeline.frames.FRAME_SPACING; smaller keeps more frames and "
+        "takes longer; 0.02 was the default before 2026-12)",
+    )
+    p.add_argument(
         "--skip_undistortion",
         action="store_true",
         help="copy the frames and model as they are instead of undistorting them "
@@ -225,6 +233,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Reject inconsistent options the way argparse does (exit code 2)."""
     if args.min_frames < 2:
         parser.error("--min_frames must be at least 2")
+    if args.frame_spacing is not None and not 0.001 <= args.frame_spacing <= 1:
+        parser.error("--frame_spacing must be between 0.001 and 1 (image widths)")
     if args.max_frames < args.min_frames:
         parser.error("--max_frames must be at least --min_frames")
     if not 0 <= args.min_registered_fraction <= 1:
@@ -443,7 +453,10 @@ def gather_one_video(
             "subject.",
         )
     with clock("select"):
-        selection = frames.select_frames(scan, args.min_frames, args.max_frames)
+        spacing = args.frame_spacing or frames.FRAME_SPACING
+        selection = frames.select_frames(
+            scan, args.min_frames, args.max_frames, motion_per_frame=spacing
+        )
         names = frames.keep_frames(frames_dir, scan, selection, progress("select"))
     frames.save_selection(frames_dir / "selection.json", scan, selection)
     rep.log(
@@ -492,6 +505,7 @@ def gather_sources(
                 args.max_frames,
                 lambda stage: lambda current, total: rep.progress(stage, current, total),
                 rep.log,
+                args.frame_spacing or frames.FRAME_SPACING,
             )
         except sources.SourceError as exc:
             raise frames.PipelineError("bad_photos", exc.message) from None
@@ -770,6 +784,7 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
         | {
             "first_octave": sfm.first_octave_for(*first_size, opts),
             "skip_undistortion": args.skip_undistortion,
+            "frame_spacing": args.frame_spacing or frames.FRAME_SPACING,
         },
         "stage_seconds": {k: round(v, 2) for k, v in clock.wall.items()},
         "stage_cpu_seconds": {k: round(v, 2) for k, v in clock.cpu.items()},

@@ -108,12 +108,15 @@ def gather_video(
     *,
     prefix: str = "",
     label: str | None = None,
+    spacing: float = frames.FRAME_SPACING,
 ) -> Group:
     """Decode one video and keep its sharp, well-spread frames (pipeline.frames)."""
     info, scan = frames.scan_video(
         path, frames_dir, CANDIDATES_PER_FRAME * max_frames, progress_decode, prefix=prefix
     )
-    selection = frames.select_frames(scan, min(min_frames, max_frames), max_frames)
+    selection = frames.select_frames(
+        scan, min(min_frames, max_frames), max_frames, motion_per_frame=spacing
+    )
     names = frames.keep_frames(frames_dir, scan, selection, progress_select, prefix)
     index_of = {frames.frame_name(i, prefix): i for i in selection.indices}
     return Group(
@@ -188,6 +191,7 @@ def gather(
     max_frames: int,
     progress: Callable[[str], ProgressFn],
     log: LogFn,
+    spacing: float = frames.FRAME_SPACING,
 ) -> Capture:
     """The frames of every source of a capture with several (names prefixed by source)."""
     frames_dir.mkdir(parents=True, exist_ok=True)
@@ -216,6 +220,7 @@ def gather(
                 lambda current, total: None,  # reported once for all sources, below
                 prefix=prefix,
                 label=source.label,
+                spacing=spacing,
             )
         log(f"source {k} ({group.kind} {group.label}): {group.images} in, {len(group.names)} kept")
         groups.append(group)

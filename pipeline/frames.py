@@ -24,6 +24,13 @@ EXIT_BAD_INPUT = 3
 ProgressFn = Callable[[int, int | None], None]
 
 THUMB_WIDTH = 160
+# Kept frames are spread one per this much image motion (in image widths), within the frame
+# limits. 0.04 since 2026-12 (was 0.02): on the synthetic 15 s 960x540 orbit, 58 frames
+# instead of 100 register every frame with camera centres as close to the truth (0.034-0.038
+# against 0.035 % of the radius, mean) in 0.55x the time; the office sample steps 6 % of the
+# width per frame and registers every frame. Training on fewer views is not measured here
+# (no GPU): --frame_spacing 0.02 keeps the old density. See README, "How many frames".
+FRAME_SPACING = 0.04
 MOTION_RATE_HZ = 10.0
 JPEG_QUALITY = 95
 
@@ -279,7 +286,7 @@ def select_frames(
     min_frames: int,
     max_frames: int,
     *,
-    motion_per_frame: float = 0.02,
+    motion_per_frame: float = FRAME_SPACING,
     time_weight: float = 0.2,
     blur_ratio: float = 0.4,
     duplicate_motion: float = 0.004,

@@ -134,9 +134,17 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * math.log10(255**2 / max(mse, 1e-9))
 
 
-def decode_kept_frames(video: Path, out_dir: Path, min_frames: int = 2, max_frames: int = 1000):
+def decode_kept_frames(
+    video: Path,
+    out_dir: Path,
+    min_frames: int = 2,
+    max_frames: int = 1000,
+    spacing: float = pipeline_frames.FRAME_SPACING,
+):
     info, scan = pipeline_frames.scan_video(video, out_dir, 3 * max_frames, lambda c, t: None)
-    selection = pipeline_frames.select_frames(scan, min_frames, max_frames)
+    selection = pipeline_frames.select_frames(
+        scan, min_frames, max_frames, motion_per_frame=spacing
+    )
     names = pipeline_frames.keep_frames(out_dir, scan, selection, lambda c, t: None)
     assert sorted(p.name for p in out_dir.iterdir()) == names
     return info, scan, selection, names
@@ -345,7 +353,9 @@ def test_blurred_frames_are_not_kept(tmp_path):
     video = sv.render_video(
         tmp_path / "blur.mp4", poses, width=320, height=180, fps=30, blurred=blurred
     )
-    _, scan, selection, names = decode_kept_frames(video.path, tmp_path / "frames", 10, 30)
+    # A frame per 2 % of the width (the --frame_spacing users set for denser captures): about
+    # 30 windows, so that the blurred bursts fall inside windows.
+    _, scan, selection, names = decode_kept_frames(video.path, tmp_path / "frames", 10, 30, 0.02)
     assert not set(selection.indices) & blurred
     assert selection.dropped_blurred >= 1  # the window inside the long burst has no sharp frame
     assert 20 <= len(names) <= 30
@@ -386,11 +396,14 @@ def test_selection_count_follows_motion_within_bounds():
     scan = pipeline_frames.FrameScan(
         times=np.arange(n) / 30,
         sharpness=np.full(n, 50.0),
-        motion=np.linspace(0, 0.5, n),
+        motion=np.linspace(0, 1.0, n),
         thumbs=np.zeros((n, 4, 4), np.uint8),
     )
     few = pipeline_frames.select_frames(scan, 20, 100)
-    assert len(few.indices) == 25  # 0.5 image widths of motion, one frame per 2 %
+    assert len(few.indices) == 25  # 1 image width of motion, one frame per 4 %
+    denser = pipeline_frames.select_frames(scan, 20, 100, motion_per_frame=0.02)
+    assert len(denser.indices) == 50
+    assert len(pipeline_frames.select_frames(scan, 30, 100).indices) == 30  # at least min
     many = pipeline_frames.select_frames(
         dataclasses.replace(scan, motion=np.linspace(0, 5, n)), 20, 100
     )
