@@ -201,6 +201,8 @@ def test_help_explains_every_option():
         [],
         ["--video_path", "x.mp4"],
         ["--video_path", "x.mp4", "--output_dir", "o", "--min_frames", "30", "--max_frames", "10"],
+        ["--video_path", "x.mp4", "--output_dir", "o", "--frame_spacing", "0"],
+        ["--video_path", "x.mp4", "--output_dir", "o", "--frame_spacing", "nan"],
     ],
 )
 def test_bad_command_line_exits_2(tmp_path, args):
