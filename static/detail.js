@@ -207,6 +207,7 @@ export function mountDetail(doc, ctx) {
       setText(refs.progressPct, progress.percentText);
       setBar(refs.progressBar, progress.percent, "busy");
       refs.progressBar.dataset.phase = progress.waiting ? "waiting" : "";
+      refs.progressBar.dataset.status = task.status; // whose progress the bar shows
       setText(refs.progressFacts, progress.facts);
       announceProgress(task);
     }

@@ -196,9 +196,14 @@ def test_upload_and_follow_a_task_to_its_3d_result(start_server, monkeypatch, op
     while time.monotonic() < deadline:
         status = first.get_attribute("data-status")
         if status in seen and progress.is_visible():
-            value = progress.get_attribute("aria-valuenow")
-            if value is not None:
-                seen[status].append(float(value))
+            # The bar and the stage it shows, read at once: the board's row and the detail
+            # panel render separately, so the row may still say preprocessing while the bar
+            # already shows training from 0.
+            shown, value = progress.evaluate(
+                "b => [b.dataset.status, b.getAttribute('aria-valuenow')]"
+            )
+            if value is not None and shown in seen:
+                seen[shown].append(float(value))
             heights.add(round(first.bounding_box()["height"]))
             if status not in shots and float(value or 0) > 20:
                 shots.add(status)
