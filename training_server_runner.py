@@ -38,6 +38,10 @@ class _Running:
     task: asyncio.Task[None]
     stop_reason: EndReason | None = None
     stop_message: str | None = None
+    # Set by the run's first step. A task cancelled before it has taken one never enters its
+    # coroutine (asyncio throws the cancel in at the top), so nothing would record the end:
+    # until then a stop is left for the run to find as it starts.
+    started: bool = False
 
 
 class Runner:
@@ -95,12 +99,18 @@ class Runner:
         entry = self._running.get(task_id)
         if entry is None:
             return False
-        entry.stop_reason = reason
-        entry.stop_message = message
-        entry.task.cancel()
+        self._cancel(task_id, entry, reason, message)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({entry.task}, timeout=self.settings.kill_grace + 15)
         return True
+
+    def _cancel(self, task_id: str, entry: _Running, reason: EndReason, message: str) -> None:
+        if not entry.started:  # its first step will find the stop and end as it says
+            self._pending_stop[task_id] = (reason, message)
+            return
+        entry.stop_reason = reason
+        entry.stop_message = message
+        entry.task.cancel()
 
     def stop_when_started(self, task_id: str, reason: EndReason, message: str) -> None:
         """Remember a stop for a task claimed by the scheduler that is about to start."""
@@ -113,10 +123,9 @@ class Runner:
         detach = getattr(self.executor, "detach", None)
         if detach is not None:  # jobs on a cluster go on; the next start follows them again
             detach()
-        for entry in running:
-            entry.stop_reason = EndReason.INTERRUPTED
-            entry.stop_message = "Interrupted by server shutdown; it runs again at the next start"
-            entry.task.cancel()
+        for task_id, entry in list(self._running.items()):
+            message = "Interrupted by server shutdown; it runs again at the next start"
+            self._cancel(task_id, entry, EndReason.INTERRUPTED, message)
         if running:
             await asyncio.gather(*(entry.task for entry in running), return_exceptions=True)
 
@@ -128,6 +137,7 @@ class Runner:
         task_log: TaskLog | None = None
         try:
             entry = self._running[task_id]
+            entry.started = True
             pending = self._pending_stop.pop(task_id, None)
             if pending is not None:  # cancelled between its claim and this start
                 entry.stop_reason, entry.stop_message = pending

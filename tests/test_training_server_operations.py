@@ -253,3 +253,38 @@ async def test_one_stage_run_reads_no_task_row(tmp_path: Path) -> None:
     finally:
         await manager.shutdown()
         await db.close()
+
+
+@pytest.mark.parametrize("how", ["cancel", "shutdown"])
+async def test_a_stop_before_the_run_first_steps_is_still_recorded(
+    tmp_path: Path, db: Database, how: str
+) -> None:
+    """A cancel that reaches the runner after the claim started the run's asyncio task but
+    before that task first ran (the fresh-clone suite hit it once): asyncio would throw the
+    cancel in before the run's own bookkeeping, leaving the task 'preprocessing' and its slot
+    taken for ever. It ends cancelled (or re-queued at shutdown) and frees the slot."""
+    settings = ServerConfig(
+        temp_dir=tmp_path / "tw",
+        logs_dir=tmp_path / "logs",
+        db_path=tmp_path / "t.db",
+        preprocess_command=[sys.executable, str(FAKE_PIPELINE)],
+        trainer_path=FAKE_TRAINER_DIR,
+        trainer_require_cuda=False,
+        kill_grace=2,
+    )
+    manager = TaskManager(settings, db)
+    await new_task(db, "t")
+    manager.paths.task_dir("t").mkdir(parents=True)
+    row = await state.claim(db, "t", Stage.PREPROCESSING, PROGRESS)
+    manager.runner.start(row, Stage.PREPROCESSING)
+    # No await between the start and the stop: the run's task has not taken a step yet.
+    if how == "cancel":
+        assert await manager.runner.stop("t", EndReason.CANCELLED, "Cancelled by user")
+        expected = "cancelled"
+    else:
+        await manager.runner.shutdown()
+        expected = "pending"
+    after = await db.get_task("t")
+    assert after["status"] == expected, after
+    assert not manager.runner.is_running("t")
+    assert manager.runner.busy(Stage.PREPROCESSING) == 0
