@@ -6,6 +6,7 @@ changing it). No status is changed here: that is training_server_state's job.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,11 @@ class Records:
         self.db = db
         self.events = events
         self._cache = StatusCache()
+        # Publishing waits for a view (a query when the task waits in a queue): without this,
+        # a later write's event could go out first and the earlier, stale one after it (the
+        # stream said pending after preprocessing). Callers publish in the step their write
+        # returns in, and the lock queues them in that order (asyncio.Lock is FIFO).
+        self._publishing = asyncio.Lock()
 
     async def row(self, task_id: str) -> Row:
         """The task's row; NotFoundError (404) when absent."""
@@ -77,12 +83,14 @@ class Records:
         return tasks, total
 
     async def publish(self, row: Row) -> TaskPublic:
-        """Tell the cache and the event stream about a row a write just returned."""
-        task = await self.view(row)
-        self._cache.forget(row["id"])
-        if task.queued_for is None:
-            self._cache.put(row["id"], task.model_dump_json().encode(), self._cache.generation)
-        self.events.publish({"type": "task", "task": task.model_dump(mode="json")})
+        """Tell the cache and the event stream about a row a write just returned, in the
+        order of the writes."""
+        async with self._publishing:
+            task = await self.view(row)
+            self._cache.forget(row["id"])
+            if task.queued_for is None:
+                self._cache.put(row["id"], task.model_dump_json().encode(), self._cache.generation)
+            self.events.publish({"type": "task", "task": task.model_dump(mode="json")})
         return task
 
     def removed(self, task_id: str) -> None:

@@ -288,3 +288,26 @@ async def test_a_stop_before_the_run_first_steps_is_still_recorded(
     assert after["status"] == expected, after
     assert not manager.runner.is_running("t")
     assert manager.runner.busy(Stage.PREPROCESSING) == 0
+
+
+async def test_events_go_out_in_the_order_of_the_writes(db: Database) -> None:
+    """A queued task's view needs a query, a running one's none: published in write order
+    (pending, then the claim), the events must not come out the other way round (a page
+    following the stream would show the task waiting again after it started)."""
+    from training_server_records import Records
+    from training_server_views import EventBus
+
+    events = EventBus()
+    records = Records(db, events)
+    params = TaskParams(max_frames=20, min_frames=5, auto_training=False, iterations=100)
+    pending = await state.create(
+        db,
+        {"id": "t", "video_filename": "input.mp4", "video_size": 1, "params": params.model_dump()},
+    )
+    running = await state.claim(db, "t", Stage.PREPROCESSING, PROGRESS)
+    async with events.subscribe() as queue:
+        first = asyncio.create_task(records.publish(pending))
+        second = asyncio.create_task(records.publish(running))
+        await asyncio.gather(first, second)
+        seen = [(await queue.get())["task"]["status"] for _ in range(2)]
+    assert seen == ["pending", "preprocessing"]
