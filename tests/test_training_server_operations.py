@@ -204,10 +204,9 @@ async def test_the_sweep_leaves_a_task_queued_for_training_between_its_query_and
     assert (row["queued_for"], row["expired_at"]) == ("training", None)
 
 
-async def test_one_stage_run_reads_no_task_row(tmp_path: Path) -> None:
-    """Through the task manager: a preprocessing run from its claim to its recorded end
-    reads the task's row not once (the claim's and each write's RETURNING row are used)."""
-    settings = ServerConfig(
+def stand_in_settings(tmp_path: Path) -> ServerConfig:
+    """A server's settings in `tmp_path` with the stand-in pipeline and trainer."""
+    return ServerConfig(
         temp_dir=tmp_path / "tw",
         logs_dir=tmp_path / "logs",
         db_path=tmp_path / "t.db",
@@ -216,6 +215,12 @@ async def test_one_stage_run_reads_no_task_row(tmp_path: Path) -> None:
         trainer_require_cuda=False,
         kill_grace=2,
     )
+
+
+async def test_one_stage_run_reads_no_task_row(tmp_path: Path) -> None:
+    """Through the task manager: a preprocessing run from its claim to its recorded end
+    reads the task's row not once (the claim's and each write's RETURNING row are used)."""
+    settings = stand_in_settings(tmp_path)
     db = await Database.open(settings.db_path)
     manager = TaskManager(settings, db)
     row_reads = 0
@@ -263,15 +268,7 @@ async def test_a_stop_before_the_run_first_steps_is_still_recorded(
     before that task first ran (the fresh-clone suite hit it once): asyncio would throw the
     cancel in before the run's own bookkeeping, leaving the task 'preprocessing' and its slot
     taken for ever. It ends cancelled (or re-queued at shutdown) and frees the slot."""
-    settings = ServerConfig(
-        temp_dir=tmp_path / "tw",
-        logs_dir=tmp_path / "logs",
-        db_path=tmp_path / "t.db",
-        preprocess_command=[sys.executable, str(FAKE_PIPELINE)],
-        trainer_path=FAKE_TRAINER_DIR,
-        trainer_require_cuda=False,
-        kill_grace=2,
-    )
+    settings = stand_in_settings(tmp_path)
     manager = TaskManager(settings, db)
     await new_task(db, "t")
     manager.paths.task_dir("t").mkdir(parents=True)
