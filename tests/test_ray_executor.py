@@ -150,8 +150,11 @@ def page_shows_cluster_and_node(server: ServerProcess, task_id: str, node: str) 
             page = browser.new_page()
             page.set_default_timeout(20_000)
             page.goto(server.url + "/")
+            # Ray's figures are its autoscaler's snapshot (written every 5 s) and the page asks
+            # every 5 s: a training placed a moment ago shows within about 10 s (a fresh-clone
+            # run read "2 of 2 free" for the 5 s an expect waits by default).
             expect(page.locator("#cluster")).to_have_text(
-                re.compile(r"^Ray cluster · 3 nodes · [01] of 2 GPUs free$")
+                re.compile(r"^Ray cluster · 3 nodes · [01] of 2 GPUs free$"), timeout=20_000
             )
             host = node.split(" (")[0]
             expect(page.locator(f'.task-row[data-id="{task_id}"]')).to_contain_text(f"on {host}")
