@@ -453,9 +453,8 @@ def gather_one_video(
             "subject.",
         )
     with clock("select"):
-        spacing = args.frame_spacing or frames.FRAME_SPACING
         selection = frames.select_frames(
-            scan, args.min_frames, args.max_frames, motion_per_frame=spacing
+            scan, args.min_frames, args.max_frames, motion_per_frame=args.frame_spacing
         )
         names = frames.keep_frames(frames_dir, scan, selection, progress("select"))
     frames.save_selection(frames_dir / "selection.json", scan, selection)
@@ -505,7 +504,7 @@ def gather_sources(
                 args.max_frames,
                 lambda stage: lambda current, total: rep.progress(stage, current, total),
                 rep.log,
-                args.frame_spacing or frames.FRAME_SPACING,
+                args.frame_spacing,
             )
         except sources.SourceError as exc:
             raise frames.PipelineError("bad_photos", exc.message) from None
@@ -595,6 +594,8 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
     from pipeline import frames, sfm
 
     started = time.perf_counter()
+    if args.frame_spacing is None:  # the default lives with the frame selection
+        args.frame_spacing = frames.FRAME_SPACING
     out = args.output_dir
     clean_outputs(out, args.video_path)
     frames_dir, colmap_dir, dataset = out / "frames", out / "colmap", out / DATASET_DIR
@@ -784,7 +785,7 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
         | {
             "first_octave": sfm.first_octave_for(*first_size, opts),
             "skip_undistortion": args.skip_undistortion,
-            "frame_spacing": args.frame_spacing or frames.FRAME_SPACING,
+            "frame_spacing": args.frame_spacing,
         },
         "stage_seconds": {k: round(v, 2) for k, v in clock.wall.items()},
         "stage_cpu_seconds": {k: round(v, 2) for k, v in clock.cpu.items()},

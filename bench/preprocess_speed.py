@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import DATA, REPO, RESULTS, render_synthetic
+from common import DATA, REPO, RESULTS, median, render_synthetic
 from preprocess import truth_error
 
 LONG_RUN_S = 120.0  # the original is not run again on a video where it took longer
@@ -96,10 +95,6 @@ def original(video: Path, out: Path) -> dict[str, Any]:
     return {"wall_s": time.perf_counter() - start, "rc": proc.returncode}
 
 
-def med(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
-
-
 def describe(runs: list[dict[str, Any]]) -> str:
     r = runs[0]
     if r.get("error"):
@@ -116,7 +111,7 @@ def spread(runs: list[dict[str, Any]]) -> str:
     walls = [r["wall_s"] for r in runs]
     if len(walls) == 1:
         return f"{walls[0]:.1f}"
-    return f"{statistics.median(walls):.1f} ({min(walls):.1f}–{max(walls):.1f})"
+    return f"{median(walls):.1f} ({min(walls):.1f}–{max(walls):.1f})"
 
 
 def main() -> int:
@@ -132,7 +127,7 @@ def main() -> int:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for case in args.cases.split(","):
         source, extra = CASES[case]
-        if source in ("orbit960",):
+        if not source.endswith(".mp4"):  # a synthetic video, rendered once
             video, truth = render_synthetic(source)
         else:
             video, truth = DATA / source, None
@@ -155,14 +150,15 @@ def main() -> int:
     print(" original s | new ÷ original |" if args.original else "")
     print("| --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if args.original else ""))
     for case, by in results.items():
-        ratio = med(by["new"], "wall_s") / med(by["before"], "wall_s")
+        wall = {name: median([r["wall_s"] for r in runs]) for name, runs in by.items()}
+        ratio = wall["new"] / wall["before"]
         row = (
             f"| {case} | {spread(by['before'])} | {spread(by['new'])} | {ratio:.2f} | "
             f"{describe(by['before'])} | {describe(by['new'])} |"
         )
         if args.original:
             if by["original"]:
-                ours = med(by["new"], "wall_s") / med(by["original"], "wall_s")
+                ours = wall["new"] / wall["original"]
                 row += f" {spread(by['original'])} | {ours:.2f} |"
             else:
                 row += " – | – |"
