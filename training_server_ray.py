@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -236,6 +237,35 @@ class RayExecutor:
                     back[res] += amount
         return freed
 
+    def _nodes_now(self, view: ClusterView) -> list[NodeInfo]:
+        """The nodes of `view` with its usage snapshot brought up to now, as capacity() counts:
+        less what our runs placed since the snapshot hold, plus what our runs ended since it
+        gave back (the snapshot is up to 5 s old; a training just started shows at once)."""
+        freed = self._freed_since(view)
+        taken: dict[str, dict[str, float]] = {}
+        for handle in self._handles.values():
+            node_id = handle.ref.get("node_id")
+            if not node_id or handle.returncode is not None or handle.placed_at is None:
+                continue
+            if not handle.shown_in(view):
+                held = taken.setdefault(node_id, {"GPU": 0.0, "CPU": 0.0})
+                for res, amount in self.needs(handle.stage).items():
+                    held[res] += amount
+
+        def now(node: NodeInfo, res: str, free: float, total: float) -> float:
+            change = freed.get(node.node_id, {}).get(res, 0.0)
+            change -= taken.get(node.node_id, {}).get(res, 0.0)
+            return min(total, max(0.0, free + change))
+
+        return [
+            dataclasses.replace(
+                node,
+                gpus_free=now(node, "GPU", node.gpus_free, node.gpus_total),
+                cpus_free=now(node, "CPU", node.cpus_free, node.cpus_total),
+            )
+            for node in view.nodes
+        ]
+
     async def node_name(self, node_id: str | None) -> str | None:
         """`host (ip, node id-prefix)` of a node id, as far as the last cluster read knows it."""
         if not node_id:
@@ -249,15 +279,16 @@ class RayExecutor:
     async def health(self) -> dict[str, Any]:
         """The cluster as /health shows it."""
         view = await self.cluster()
+        nodes = self._nodes_now(view)
         problem = self.settings_problem or view.problem or self.storage_problem
         return {
             "executor": self.name,
             "address": self.address,
             "reachable": view.reachable,
             "ray_version": view.ray_version,
-            "nodes": [n.as_dict() for n in view.nodes],
+            "nodes": [n.as_dict() for n in nodes],
             "gpus_total": view.total("GPU"),
-            "gpus_free": sum(view.free("GPU")),
+            "gpus_free": sum(n.gpus_free for n in nodes if n.alive),
             "problem": problem,
         }
 

@@ -144,3 +144,27 @@ def test_the_snapshot_time_comes_from_the_autoscaler(
     del status["data"]["clusterStatus"]["time"]  # no time: taken to be one period old
     view = asyncio.run(ex.cluster(max_age=0))
     assert view.read_at - view.figures_at == pytest.approx(5.0)
+
+
+def test_health_counts_what_our_runs_took_and_gave_back_since_the_snapshot(
+    tmp_path: Path,
+) -> None:
+    now = time.monotonic()
+    # The snapshot: a's GPU free, b's taken by our t1 (placed long ago, ended since).
+    ex = executor(tmp_path, node("a", 1.0), node("b", 0.0), read_at=now)
+    ended = training_running(ex, "t1", placed_at=now - 20, node_id="b" * 8)
+    training_running(ex, "t2", placed_at=now - 0.2, node_id="a" * 8)  # not in the figures yet
+    training_running(ex, "t3", placed_at=None)  # submitted, not placed: no node holds it yet
+    health = asyncio.run(ex.health())
+    assert [n["gpus_free"] for n in health["nodes"]] == [0.0, 0.0]
+    assert (health["gpus_free"], health["gpus_total"]) == (0.0, 2.0)
+    ended._returncode = 0
+    ended.ended_at = now + 0.5
+    asyncio.run(ended.close())
+    health = asyncio.run(ex.health())
+    assert [n["gpus_free"] for n in health["nodes"]] == [0.0, 1.0]
+    assert health["gpus_free"] == 1.0
+    # Once the figures show t2, it is not taken off twice.
+    later = executor(tmp_path, node("a", 0.0), read_at=now + USAGE_LAG + 1)
+    training_running(later, "t2", placed_at=now - 0.2, node_id="a" * 8)
+    assert asyncio.run(later.health())["gpus_free"] == 0.0
