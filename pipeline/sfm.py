@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -19,14 +18,17 @@ from typing import Any
 import numpy as np
 import pycolmap
 
+from pipeline import colmap_log
 from pipeline.scene import scene_object
 
 ProgressFn = Callable[[int, int | None], None]
 
 POLL_SECONDS = 0.5
-# pycolmap calls per stage (features, matching), to report progress between them: few, as
-# each call ends with idle cores and indexes its frames' descriptors again.
-PROGRESS_STEPS = 5
+# Matching reports progress once per block of pairs (COLMAP's unit): blocks of a tenth of the
+# pairs, but at least as many pairs as frames (COLMAP caches the descriptors of a block's worth
+# of frames) and at most MAX_MATCH_BLOCK.
+PROGRESS_STEPS = 10
+MAX_MATCH_BLOCK = 300
 # Frames at or below this many pixels are upsampled for SIFT (first octave -1): cheap for small
 # frames, and without it 640×480 video yields too few features.
 UPSAMPLE_MAX_PIXELS = 500_000
@@ -94,14 +96,6 @@ def first_octave_for(width: int, height: int, opts: SfmOptions) -> int:
     return -1 if width * height * scale * scale <= UPSAMPLE_MAX_PIXELS else 0
 
 
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[k : k + size] for k in range(0, len(items), size)]
-
-
-def _threads(opts: SfmOptions) -> int:
-    return opts.num_threads if opts.num_threads > 0 else os.cpu_count() or 1
-
-
 def extract_features(
     db: Path,
     image_dir: Path,
@@ -124,24 +118,23 @@ def extract_features(
     pycolmap.import_images(
         db, image_dir, camera_mode=pycolmap.CameraMode.SINGLE, image_names=names, options=reader
     )
-    progress(0, len(names))
-    done = 0
-    # In chunks, for progress: COLMAP's database must not be read while it writes (another
-    # SQLite copy in this process would break its locks), so progress comes between calls.
-    # Few, large chunks: each call ends with cores idle while its last frames finish (100
-    # synthetic 960x540 frames on 2 cores: 20 chunks 25.1 s, 4 chunks 20.6 s).
-    chunk_size = max(8 * _threads(opts), math.ceil(len(names) / PROGRESS_STEPS))
-    for chunk in _chunks(names, chunk_size):
-        pycolmap.extract_features(
-            db,
-            image_dir,
-            image_names=chunk,
-            camera_mode=pycolmap.CameraMode.SINGLE,
-            reader_options=reader,
-            extraction_options=extraction,
+    # One call for every frame (a call ends with cores idle while its last frames finish: 58
+    # synthetic 960x540 frames on 2 cores, one call 10.1 s, chunks of 16 10.9 s); progress
+    # comes from COLMAP's log, one step per frame.
+    with colmap_log.progress_from_log() as log:
+        run_polled(
+            lambda: pycolmap.extract_features(
+                db,
+                image_dir,
+                image_names=names,
+                camera_mode=pycolmap.CameraMode.SINGLE,
+                reader_options=reader,
+                extraction_options=extraction,
+            ),
+            log.count,
+            len(names),
+            progress,
         )
-        done += len(chunk)
-        progress(done, len(names))
 
 
 def sequential_pairs(n: int, overlap: int) -> set[tuple[int, int]]:
@@ -268,19 +261,26 @@ def match_features(
     lines = [f"{names[i]} {names[j]}\n" for i, j in ordered]
     with (work_dir / "pairs.txt").open("a") as f:
         f.writelines(lines)
-    chunk_file = work_dir / "pairs_chunk.txt"
-    progress(0, len(lines))
-    done = 0
-    # Few, large chunks: each call indexes the descriptors of its frames again (767 pairs of
-    # the synthetic orbit: 16 calls 20.8 s, one call 16.7 s).
-    for chunk in _chunks(lines, max(100, math.ceil(len(lines) / PROGRESS_STEPS))):
-        chunk_file.write_text("".join(chunk))
-        imported = pycolmap.ImportedPairingOptions()
-        imported.match_list_path = str(chunk_file)
-        pycolmap.match_image_pairs(db, matching_options=matching, pairing_options=imported)
-        done += len(chunk)
-        progress(done, len(lines))
-    chunk_file.unlink(missing_ok=True)
+    pairs_file = work_dir / "pairs_to_match.txt"
+    pairs_file.write_text("".join(lines))
+    imported = pycolmap.ImportedPairingOptions()
+    imported.match_list_path = str(pairs_file)
+    # One call (each call indexes its frames' descriptors again: 767 pairs of the synthetic
+    # orbit, 16 calls 20.8 s, one call 16.7 s); COLMAP logs a line per block of pairs, which
+    # gives the progress.
+    imported.block_size = min(
+        MAX_MATCH_BLOCK, max(len(names), math.ceil(len(lines) / PROGRESS_STEPS))
+    )
+    with colmap_log.progress_from_log() as log:
+        run_polled(
+            lambda: pycolmap.match_image_pairs(
+                db, matching_options=matching, pairing_options=imported
+            ),
+            lambda: min(len(lines), log.count() * imported.block_size),
+            len(lines),
+            progress,
+        )
+    pairs_file.unlink(missing_ok=True)
     return len(lines)
 
 
