@@ -35,7 +35,7 @@ def test_metrics_parse_need_the_token_and_move_with_a_task(wired: Any) -> None:
             before = samples(client.get("/metrics").text)
             assert before[("training_server_uploads_total", ())] == 0
             assert before[("training_server_tasks", (("status", "training_completed"),))] == 0
-            task_id = upload(client, preset="fast").json()["task_id"]
+            task_id = upload(client).json()["task_id"]
             wait_status(client, task_id, "training_completed")
             receiver.wait(2)
             answer = client.get("/metrics")

@@ -94,7 +94,7 @@ def test_events_are_signed_delivered_and_shown_in_status(wired: Any, receiver: R
         webhook_allowed_hosts=["127.0.0.1"],
     )
     with server.client() as client:
-        answer = upload(client, webhook_url=f"{receiver.url}/own?key=s3cret", preset="fast")
+        answer = upload(client, webhook_url=f"{receiver.url}/own?key=s3cret")
         assert answer.status_code == 202, answer.text
         task_id = answer.json()["task_id"]
         wait_status(client, task_id, "training_completed")
