@@ -26,9 +26,9 @@ import pycolmap
 
 # "I20261201 16:45:57.282970 139870643156672 feature_extraction.cc:270] Processed file [1/2]"
 _PROGRESS = re.compile(rb"\] (Processed file|Processing block) \[(\d+)/(\d+)\]")
+_INFO = re.compile(rb"^I\d{8} ")
 # The reader drains what is left in the pipe after the call in well under this.
 JOIN_SECONDS = 5.0
-_INFO = re.compile(rb"^I\d{8} ")
 
 
 class LogProgress:
@@ -81,14 +81,13 @@ def _route(line: bytes, out_fd: int, state: LogProgress, verbose: bool) -> None:
 @contextlib.contextmanager
 def progress_from_log() -> Iterator[LogProgress]:
     """Count COLMAP's progress lines while the block runs (see the module docstring)."""
-    verbose = pycolmap.logging.minloglevel <= 0
     level = pycolmap.logging.minloglevel
     state = LogProgress()
     sys.stderr.flush()
     saved = os.dup(2)
     read_fd, write_fd = os.pipe()
     thread = threading.Thread(
-        target=_pump, args=(read_fd, saved, state, verbose), name="colmap-log", daemon=True
+        target=_pump, args=(read_fd, saved, state, level <= 0), name="colmap-log", daemon=True
     )
     thread.start()
     os.dup2(write_fd, 2)
@@ -101,4 +100,5 @@ def progress_from_log() -> Iterator[LogProgress]:
         sys.stderr.flush()
         os.dup2(saved, 2)  # the pipe's last writer closes: the thread drains it and ends
         thread.join(JOIN_SECONDS)
-        os.close(saved)
+        if not thread.is_alive():  # else it may still write to `saved`: leave it open
+            os.close(saved)
