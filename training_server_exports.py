@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -436,8 +437,7 @@ async def _preview(manager: TaskManager, task_id: str) -> _Preview:
     return _Preview(path, info, final=False)
 
 
-def _headers(found: _Preview) -> dict[str, str]:
-    stat = found.path.stat()
+def _headers(found: _Preview, stat: os.stat_result) -> dict[str, str]:
     step = found.info.get("step")
     total = found.info.get("total")
     headers = {
@@ -462,11 +462,32 @@ async def preview_spz(task_id: uuid.UUID, request: Request) -> Response:
     final model once training_completed. `X-Preview-Step`/`X-Preview-Total` say which step;
     the ETag changes with each new preview (send If-None-Match to get a 304 instead)."""
     found = await _preview(_manager(request), str(task_id))
-    headers = _headers(found)
     wanted = {t.strip() for t in request.headers.get("if-none-match", "").split(",")}
+    if found.final:  # the finished model is written once: served from its file
+        stat = found.path.stat()
+        headers = _headers(found, stat)
+        if headers["ETag"] in wanted:
+            return Response(status_code=304, headers=headers)
+        return FileResponse(
+            found.path, media_type="application/octet-stream", headers=headers, stat_result=stat
+        )
+    # A preview is renamed over whenever the trainer saves a snapshot: its length, ETag and
+    # bytes come from one open file (a stat of the path, then an open of the path, could
+    # announce one preview's length and send the next one's bytes).
+    try:
+        data, stat = await asyncio.to_thread(_read_once, found.path)
+    except FileNotFoundError:
+        raise NotFoundError("No preview: it was removed while it was read.") from None
+    headers = _headers(found, stat)
     if headers["ETag"] in wanted:
         return Response(status_code=304, headers=headers)
-    return FileResponse(found.path, media_type="application/octet-stream", headers=headers)
+    return Response(data, media_type="application/octet-stream", headers=headers)
+
+
+def _read_once(path: Path) -> tuple[bytes, os.stat_result]:
+    """A file's bytes and the stat of the very file they were read from."""
+    with path.open("rb") as f:
+        return f.read(), os.fstat(f.fileno())
 
 
 @router.get("/tasks/{task_id}/preview", response_model=PreviewInfo, responses=ERRORS)
@@ -481,7 +502,7 @@ async def preview_info(task_id: uuid.UUID, request: Request) -> Response:
         "updated_at": found.info.get("updated_at"),
         "final": found.final,
         "url": f"/tasks/{task_id}/preview.spz",
-        "etag": _headers(found)["ETag"],
+        "etag": _headers(found, found.path.stat())["ETag"],
     }
     return Response(
         json.dumps(body), media_type="application/json", headers={"Cache-Control": NO_CACHE}

@@ -6,7 +6,9 @@ previews made from the trainer's snapshots while it runs."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -189,3 +191,44 @@ def test_previews_appear_while_training_runs(start_server, monkeypatch, tmp_path
     assert steps == sorted(steps)
     log = (tmp_path / "logs" / task_id / "training_server.log").read_text()
     assert "Preview of step" in log
+
+
+def test_a_preview_replaced_while_it_is_served_arrives_whole(start_server, monkeypatch, tmp_path):
+    """The trainer's snapshots rename a new preview.spz over the old one at any moment: each
+    answer's length, ETag and bytes are of one and the same file (a stat of the path followed
+    by an open of the path announced one file's length and sent the next one's bytes)."""
+    monkeypatch.setenv("FAKE_TRAINER_STEP_SECONDS", "0.02")
+    server = start_server(trainer_iterations=2000, trainer_checkpoint_every=100)
+    with server.client() as client:
+        task_id = upload(client).json()["task_id"]
+        target = _output(tmp_path, task_id) / "preview.spz"
+        deadline = time.monotonic() + 60
+        while client.get(f"/tasks/{task_id}/preview.spz").status_code != 200:
+            assert time.monotonic() < deadline, "no preview appeared"
+            time.sleep(0.1)
+        small, large = target.read_bytes()[:1000], target.read_bytes() * 3
+        stop = threading.Event()
+
+        def replace_again_and_again() -> None:
+            for k in itertools.count():
+                if stop.is_set():
+                    return
+                partial = target.with_name(f"race-{k % 2}.partial")
+                partial.write_bytes(small if k % 2 else large)
+                partial.replace(target)
+
+        writer = threading.Thread(target=replace_again_and_again)
+        writer.start()
+        try:
+            sizes = set()
+            for _ in range(150):
+                answer = client.get(f"/tasks/{task_id}/preview.spz")
+                assert answer.status_code == 200
+                body = answer.content
+                assert len(body) == int(answer.headers["content-length"])
+                assert answer.headers["etag"].strip('"').split("-")[-1] == f"{len(body):x}"
+                sizes.add(len(body))
+        finally:
+            stop.set()
+            writer.join()
+        assert {len(small), len(large)} <= sizes  # both files were served, each whole
