@@ -463,31 +463,27 @@ async def preview_spz(task_id: uuid.UUID, request: Request) -> Response:
     the ETag changes with each new preview (send If-None-Match to get a 304 instead)."""
     found = await _preview(_manager(request), str(task_id))
     wanted = {t.strip() for t in request.headers.get("if-none-match", "").split(",")}
-    if found.final:  # the finished model is written once: served from its file
-        stat = found.path.stat()
+    try:
+        return await asyncio.to_thread(_answer, found, wanted)
+    except FileNotFoundError:
+        raise NotFoundError("No preview: it was removed while it was read.") from None
+
+
+def _answer(found: _Preview, wanted: set[str]) -> Response:
+    """A preview is renamed over whenever the trainer saves a snapshot: its length, ETag and
+    bytes come from one open file (a stat of the path, then an open of the path, could
+    announce one preview's length and send the next one's bytes); read only when it is sent.
+    The finished model, written once, is streamed from its file."""
+    with found.path.open("rb") as f:
+        stat = os.fstat(f.fileno())
         headers = _headers(found, stat)
         if headers["ETag"] in wanted:
             return Response(status_code=304, headers=headers)
-        return FileResponse(
-            found.path, media_type="application/octet-stream", headers=headers, stat_result=stat
-        )
-    # A preview is renamed over whenever the trainer saves a snapshot: its length, ETag and
-    # bytes come from one open file (a stat of the path, then an open of the path, could
-    # announce one preview's length and send the next one's bytes).
-    try:
-        data, stat = await asyncio.to_thread(_read_once, found.path)
-    except FileNotFoundError:
-        raise NotFoundError("No preview: it was removed while it was read.") from None
-    headers = _headers(found, stat)
-    if headers["ETag"] in wanted:
-        return Response(status_code=304, headers=headers)
-    return Response(data, media_type="application/octet-stream", headers=headers)
-
-
-def _read_once(path: Path) -> tuple[bytes, os.stat_result]:
-    """A file's bytes and the stat of the very file they were read from."""
-    with path.open("rb") as f:
-        return f.read(), os.fstat(f.fileno())
+        if found.final:
+            return FileResponse(
+                found.path, media_type="application/octet-stream", headers=headers, stat_result=stat
+            )
+        return Response(f.read(), media_type="application/octet-stream", headers=headers)
 
 
 @router.get("/tasks/{task_id}/preview", response_model=PreviewInfo, responses=ERRORS)
