@@ -217,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--min_points", type=int, default=500, help="fail when the model has fewer 3D points"
     )
     q.add_argument(
+        "--early_verdict",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reconstruct a skeleton of a video (a frame per quarter image width of motion) "
+        "first and refuse it there when it places under a quarter of its frames",
+    )
+    q.add_argument(
         "--max_path_jump",
         type=float,
         default=10.0,
@@ -259,11 +266,22 @@ def clean_outputs(output_dir: Path, video: Path | list[Path]) -> None:
             path.unlink()
 
 
-def explain_failure(registered: int, kept: int, n_models: int, pairs: Any) -> str:
-    """A user-facing sentence on why few frames could be placed, from the matching evidence."""
-    head = f"Only {registered} of {kept} frames could be placed in one 3D model"
+def explain_failure(
+    registered: int, kept: int, n_models: int, pairs: Any, *, skeleton: bool = False
+) -> str:
+    """A user-facing sentence on why few frames could be placed, from the matching evidence
+    (of the whole capture, or of the early skeleton: frames a quarter image width apart)."""
+    what = "frames spread over the video" if skeleton else "frames"
+    head = f"Only {registered} of {kept} {what} could be placed in one 3D model"
     advice = "Walk slowly around a still, textured subject while filming, keeping it in view."
     if pairs.neighbours and pairs.neighbours_verified < 0.5 * pairs.neighbours:
+        if skeleton:
+            return (
+                f"{head}: frames a quarter of the picture apart share too few recognisable "
+                f"features ({pairs.neighbours_verified} of {pairs.neighbours} such pairs "
+                "matched): the subject moves or changes shape, or the camera moves fast, or "
+                f"the surfaces are plain, shiny or dark. {advice}"
+            )
         return (
             f"{head}: neighbouring frames share too few recognisable features "
             f"({pairs.neighbours_verified} of {pairs.neighbours} neighbouring pairs matched; "
@@ -555,6 +573,55 @@ def gate_parallax(args: argparse.Namespace, rep: Reporter, frames_dir: Path, cap
     return verdict, sum(c.seconds for c in checks.values()), checks
 
 
+def gate_skeleton(
+    args: argparse.Namespace,
+    rep: Reporter,
+    clock: StageClock,
+    cap: Any,
+    db: Path,
+    frames_dir: Path,
+    colmap_dir: Path,
+    opts: Any,
+) -> Any:
+    """Stage 3a, for one video: reconstruct its skeleton (pipeline.skeleton) and refuse the
+    capture there when the skeleton places too few of its frames. Returns the check (its
+    frames' features stay in `db`), or None where no skeleton runs (photos, several sources,
+    short captures, --no-early_verdict)."""
+    from pipeline import frames, skeleton
+
+    if not args.early_verdict or len(cap.groups) != 1 or cap.groups[0].kind != "video":
+        return None
+    group = cap.groups[0]
+    if group.scan is None or group.selection is None:
+        return None
+    index_of = {frames.frame_name(i): i for i in group.selection.indices}
+    motion = [float(group.scan.motion[index_of[name]]) for name in group.names]
+    picks = skeleton.positions(motion)
+    n = len(group.names)
+    if not skeleton.applies(n, picks):
+        return None
+    with clock("skeleton"):
+        check = skeleton.run_skeleton(
+            db,
+            frames_dir,
+            colmap_dir,
+            group.names,
+            picks,
+            group.size,
+            opts,
+            lambda current, total: rep.progress("features", current, n),
+        )
+    rep.log(check.describe())
+    if check.hopeless:
+        raise GateError(
+            "too_few_registered",
+            explain_failure(
+                check.registered, len(check.names), check.models, check.pair_stats, skeleton=True
+            ),
+        )
+    return check
+
+
 def worst_path(args: argparse.Namespace, model: Any, cap: Any) -> Any:
     """The camera-path check of the capture's videos, each on its own frames (photos have no
     order to check); the worst of them, or None for photos alone."""
@@ -635,26 +702,33 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
     n = len(names)
     required = max(args.min_registered, math.ceil(args.min_registered_fraction * n))
     db = colmap_dir / "database.db"
+    skeleton = gate_skeleton(args, rep, clock, cap, db, frames_dir, colmap_dir, opts)
+    done_names = set(skeleton.names) if skeleton is not None else set()
     with clock("features"):
-        done = 0
-        for group in cap.groups:  # one camera per source
+        done = len(done_names)
+        for k, group in enumerate(cap.groups):  # one camera per source
             base = done
-            sfm.extract_features(
-                db,
-                frames_dir,
-                group.names,
-                group.size,
-                opts,
-                lambda current, total, base=base: rep.progress("features", base + current, n),
-            )
-            done += len(group.names)
+            todo = [name for name in group.names if name not in done_names]
+            if todo:
+                sfm.extract_features(
+                    db,
+                    frames_dir,
+                    todo,
+                    group.size,
+                    opts,
+                    lambda current, total, base=base: rep.progress("features", base + current, n),
+                    camera_id=skeleton.camera_id if skeleton is not None and k == 0 else None,
+                )
+            done += len(todo)
     rep.log(f"extracted features in {clock.wall['features']:.1f} s")
     if args.matcher == "exhaustive":
         pairs = sfm.all_pairs(n)
     else:
         pairs = sfm.capture_pairs(cap.spans(), args.overlap, args.loop_closure)
+    already = skeleton.pairs if skeleton is not None else set()
     with clock("matching"):
-        sfm.match_features(db, names, pairs, colmap_dir, opts, progress("matching"))
+        sfm.match_features(db, names, pairs - already, colmap_dir, opts, progress("matching"))
+    pairs |= already
     pair_stats = sfm.pair_stats(db, names)
     rep.log(
         f"matched {len(pairs)} pairs ({pair_stats.verified_pairs} verified) "
@@ -775,6 +849,7 @@ def run(args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
         "jump_link_points": path.jump_link if path is not None else None,
         "parallax_verdict": parallax_verdict,
         "parallax_seconds": round(parallax_seconds, 2),
+        "skeleton": skeleton.record() if skeleton is not None else None,
         "retried_with_exhaustive": retried,
         "image_pairs_matched": len(pairs),
         "image_pairs_verified": pair_stats.verified_pairs,

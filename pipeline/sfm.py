@@ -103,21 +103,21 @@ def extract_features(
     size: tuple[int, int],
     opts: SfmOptions,
     progress: ProgressFn,
-) -> None:
-    """SIFT features of every frame, all frames sharing one camera."""
+    camera_id: int | None = None,
+) -> int:
+    """SIFT features of every frame, all frames sharing one camera: a new one, or `camera_id`
+    (frames of a source added in a second call). Returns the camera's id."""
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = opts.camera_model
+    if camera_id is not None:
+        reader.existing_camera_id = camera_id
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.num_threads = opts.num_threads
     extraction.max_image_size = opts.max_image_size
     extraction.sift.max_num_features = opts.max_features
     extraction.sift.first_octave = first_octave_for(*size, opts)
-    pycolmap.Database.open(db).close()
-    # Import first so that every chunk below finds its frames with the one shared camera (a
-    # capture with several sources calls this once per source: one camera each).
-    pycolmap.import_images(
-        db, image_dir, camera_mode=pycolmap.CameraMode.SINGLE, image_names=names, options=reader
-    )
+    # No import_images pass first: it decodes every frame only to read its size (86 frames of
+    # 1280x720, 1.3 s); extraction adds each frame with the call's one camera as it reads it.
     # One call for every frame (a call ends with cores idle while its last frames finish: 58
     # synthetic 960x540 frames on 2 cores, one call 10.1 s, chunks of 16 10.9 s); progress
     # comes from COLMAP's log, one step per frame.
@@ -135,6 +135,11 @@ def extract_features(
             len(names),
             progress,
         )
+    database = pycolmap.Database.open(db)
+    try:
+        return int(database.read_image_with_name(names[0]).camera_id)
+    finally:
+        database.close()
 
 
 def sequential_pairs(n: int, overlap: int) -> set[tuple[int, int]]:
@@ -259,6 +264,8 @@ def match_features(
     matching.num_threads = opts.num_threads
     ordered = sorted(pairs)
     lines = [f"{names[i]} {names[j]}\n" for i, j in ordered]
+    if not lines:
+        return 0
     with (work_dir / "pairs.txt").open("a") as f:
         f.writelines(lines)
     pairs_file = work_dir / "pairs_to_match.txt"
@@ -338,12 +345,14 @@ def run_mapping(
     required: int,
     opts: SfmOptions,
     progress: ProgressFn,
+    enough: int | None = None,
 ) -> list[pycolmap.Reconstruction]:
     """Reconstruct camera poses and points; models sorted best first (most registered).
 
     The incremental mapper stops as soon as the outcome is decided: once a finished model has
     `required` frames and at least half of them (no later model can be larger), or after
-    MAX_FAILED_ATTEMPTS starts that did not reach `required` (the video cannot pass the gate).
+    MAX_FAILED_ATTEMPTS starts that did not reach `required` (the video cannot pass the gate),
+    or, given `enough`, as soon as the model being built has that many frames.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     pycolmap.set_random_seed(opts.seed)
@@ -355,7 +364,7 @@ def run_mapping(
         options.mapper.track_required_tracks_per_view = 1000
         models = list(pycolmap.global_mapping(db, image_dir, out_dir, options).values())
     else:
-        models = _incremental(db, image_dir, n_images, required, opts, progress)
+        models = _incremental(db, image_dir, n_images, required, opts, progress, enough)
         for k, model in enumerate(models):
             (out_dir / str(k)).mkdir()
             model.write(out_dir / str(k))
@@ -375,7 +384,13 @@ MAX_FAILED_ATTEMPTS = 8
 
 
 def _incremental(
-    db: Path, image_dir: Path, n_images: int, required: int, opts: SfmOptions, progress: ProgressFn
+    db: Path,
+    image_dir: Path,
+    n_images: int,
+    required: int,
+    opts: SfmOptions,
+    progress: ProgressFn,
+    enough: int | None = None,
 ) -> list[pycolmap.Reconstruction]:
     options = pycolmap.IncrementalPipelineOptions()
     options.num_threads = opts.num_threads
@@ -428,6 +443,12 @@ def _incremental(
     def on_image() -> None:
         state["current"] += 1
         progress(min(state["current"], n_images), n_images)
+        if enough is not None and state["current"] >= enough:
+            # COLMAP checks its runtime limit only between models; a Python exception raised
+            # here leaves run() at once (pybind11 carries it through), and the manager keeps
+            # the model as far as it got (the orbit's 58 frames: 5 placed in 1.1 s, 22 s for
+            # all).
+            raise _Enough
 
     callbacks = pycolmap.IncrementalPipelineCallback
     pipeline.add_callback(callbacks.INITIAL_IMAGE_PAIR_REG_CALLBACK, on_start)
@@ -435,9 +456,15 @@ def _incremental(
     pipeline.add_callback(callbacks.LAST_IMAGE_REG_CALLBACK, check)
     try:
         pipeline.run()
+    except _Enough:
+        pass
     finally:
         database.close()
     return [manager.get(k) for k in range(manager.size())]
+
+
+class _Enough(Exception):
+    """Raised from the mapper's callback: the model has as many frames as asked for."""
 
 
 @dataclass
