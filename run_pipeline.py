@@ -490,6 +490,7 @@ def gather_one_video(
         size=(info.width, info.height),
         images=info.frames_decoded,
         time_of={frames.frame_name(i): float(scan.times[i]) for i in selection.indices},
+        motion_of={frames.frame_name(i): float(scan.motion[i]) for i in selection.indices},
         info=info,
         scan=scan,
         selection=selection,
@@ -587,15 +588,14 @@ def gate_skeleton(
     capture there when the skeleton places too few of its frames. Returns the check (its
     frames' features stay in `db`), or None where no skeleton runs (photos, several sources,
     short captures, --no-early_verdict)."""
-    from pipeline import frames, skeleton
+    from pipeline import skeleton
 
     if not args.early_verdict or len(cap.groups) != 1 or cap.groups[0].kind != "video":
         return None
     group = cap.groups[0]
-    if group.scan is None or group.selection is None:
+    if any(name not in group.motion_of for name in group.names):
         return None
-    index_of = {frames.frame_name(i): i for i in group.selection.indices}
-    motion = [float(group.scan.motion[index_of[name]]) for name in group.names]
+    motion = [group.motion_of[name] for name in group.names]
     picks = skeleton.positions(motion)
     n = len(group.names)
     if not skeleton.applies(n, picks):

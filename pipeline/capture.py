@@ -42,6 +42,8 @@ class Group:
     size: tuple[int, int]  # upright width and height of its frames
     images: int  # frames decoded (video) or photos received
     time_of: dict[str, float] = field(default_factory=dict)  # video frames' times (s)
+    # Video frames' cumulative image motion (image widths), for the skeleton.
+    motion_of: dict[str, float] = field(default_factory=dict)
     info: frames.VideoInfo | None = None
     scan: frames.FrameScan | None = None
     selection: frames.Selection | None = None
@@ -127,6 +129,7 @@ def gather_video(
         size=(info.width, info.height),
         images=info.frames_decoded,
         time_of={name: float(scan.times[i]) for name, i in index_of.items()},
+        motion_of={name: float(scan.motion[i]) for name, i in index_of.items()},
         info=info,
         scan=scan,
         selection=selection,
