@@ -28,8 +28,9 @@ ProgressFn = Callable[[int, int | None], None]
 THUMB_WIDTH = 160
 # Kept frames are spread one per this much image motion (in image widths), within the frame
 # limits. 0.04 since 2026-12 (was 0.02): on the synthetic 15 s 960x540 orbit, 58 frames
-# instead of 100 register every frame in 0.52x the time, camera centres 0.049 against 0.032 %
-# of the scene radius from the truth (mean); the office sample steps 6 % of the width per
+# instead of 100 register every frame in 0.47x the time, camera centres 0.032-0.034 against
+# 0.033 % of the scene radius from the truth (mean; 0.049 before the skeleton's wider pairs,
+# pipeline/skeleton.py); the office sample steps 6 % of the width per
 # frame and registers every frame, every second frame (12 %) loses 2 of 9. Training on fewer
 # views is not measured here (no GPU): --frame_spacing 0.02 keeps the old density. See
 # README, "How many frames", and BENCHMARKS.md.
