@@ -612,7 +612,11 @@ def gate_skeleton(
             lambda current, total: rep.progress("features", current, n),
         )
     rep.log(check.describe())
-    if check.hopeless:
+    if check.hopeless and check.pair_stats.median_features < LOW_TEXTURE_FEATURES:
+        # Frames with little texture may match only at the full density: the full
+        # reconstruction decides (and says so, with the texture it measured).
+        rep.log("the skeleton's frames have little texture: the full reconstruction decides")
+    elif check.hopeless:
         raise GateError(
             "too_few_registered",
             explain_failure(

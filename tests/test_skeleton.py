@@ -112,3 +112,74 @@ def test_the_skeleton_refusal_quotes_what_it_measured():
     assert message.startswith("Only 3 of 17 frames spread over the video")
     assert "they fall into 2 separate pieces" in message
     assert "such pairs matched" not in message
+
+
+def _gate_with(monkeypatch, tmp_path, median_features: int) -> str:
+    """gate_skeleton on a 60-frame video whose skeleton places nothing, its frames showing
+    `median_features` features; returns the log."""
+    import io
+
+    from pipeline import capture
+
+    names = [f"frame_{k:06d}.jpg" for k in range(60)]
+    group = capture.Group(
+        label="v.mp4",
+        kind="video",
+        file="v.mp4",
+        names=names,
+        size=(640, 360),
+        images=60,
+        motion_of={name: 0.05 * k for k, name in enumerate(names)},
+    )
+    stats = PairStats(
+        neighbours=11,
+        neighbours_verified=1,
+        verified_pairs=1,
+        rotation_only_fraction=0.0,
+        median_features=median_features,
+    )
+
+    def fake_run(db, frames_dir, work_dir, names_, picks, size, opts, progress):
+        return skeleton.SkeletonCheck(
+            names=[names_[k] for k in picks],
+            pairs=set(),
+            registered=0,
+            models=0,
+            points3D=0,
+            pair_stats=stats,
+            camera_id=1,
+            seconds=0.1,
+            stage_seconds={},
+        )
+
+    monkeypatch.setattr(skeleton, "run_skeleton", fake_run)
+    args = rp.build_parser().parse_args(["--video_path", "v.mp4", "--output_dir", str(tmp_path)])
+    log = io.StringIO()
+    rep = rp.Reporter(io.StringIO(), log)
+    check = rp.gate_skeleton(
+        args,
+        rep,
+        rp.StageClock(),
+        capture.Capture([group]),
+        tmp_path / "db",
+        tmp_path,
+        tmp_path,
+        None,
+    )
+    assert check is not None and check.hopeless
+    return log.getvalue()
+
+
+def test_a_hopeless_skeleton_of_textured_frames_refuses(monkeypatch, tmp_path):
+    with pytest.raises(rp.GateError) as refused:
+        _gate_with(monkeypatch, tmp_path, median_features=900)
+    assert refused.value.code == "too_few_registered"
+    assert "frames spread over the video" in refused.value.message
+
+
+def test_a_hopeless_skeleton_of_plain_frames_leaves_the_verdict_to_the_full_run(
+    monkeypatch, tmp_path
+):
+    # Little texture may match only at the full density: no early refusal.
+    log = _gate_with(monkeypatch, tmp_path, median_features=rp.LOW_TEXTURE_FEATURES - 1)
+    assert "the full reconstruction decides" in log
