@@ -344,6 +344,26 @@ def test_variable_frame_rate_timestamps(tmp_path):
     assert np.allclose(scan.times - scan.times[0], stamps, atol=2e-3)
 
 
+def test_a_frame_that_cannot_be_written_fails_the_decoding(tmp_path, orbit_video, monkeypatch):
+    # Candidates are written on worker threads: a failed write (a full disk) must still end
+    # the decoding with the error, and leave no writer thread behind.
+    import threading
+
+    real = pipeline_frames.cv2.imwrite
+    calls = {"n": 0}
+
+    def imwrite(path, image, params):
+        calls["n"] += 1
+        return False if calls["n"] == 5 else real(path, image, params)
+
+    monkeypatch.setattr(pipeline_frames.cv2, "imwrite", imwrite)
+    before = threading.active_count()
+    with pytest.raises(OSError, match="could not write"):
+        pipeline_frames.scan_video(orbit_video.path, tmp_path / "frames", 60, lambda c, t: None)
+    assert threading.active_count() == before
+    assert calls["n"] < 36  # it stopped soon after, not at the end of the video
+
+
 # ---------------------------------------------------------------------------------------------
 # Frame selection
 
