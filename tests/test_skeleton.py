@@ -24,6 +24,33 @@ def steps_of(motion: np.ndarray, picks: list[int]) -> np.ndarray:
     return np.diff(motion[picks])
 
 
+def stats_of(neighbours: int, verified: int, pairs: int, features: int) -> PairStats:
+    """Matching numbers of a skeleton: its neighbour pairs, how many verified, all verified
+    pairs, median features per frame."""
+    return PairStats(
+        neighbours=neighbours,
+        neighbours_verified=verified,
+        verified_pairs=pairs,
+        rotation_only_fraction=0.0,
+        median_features=features,
+    )
+
+
+def check_of(names: list[str], registered: int, stats: PairStats) -> skeleton.SkeletonCheck:
+    """A skeleton's outcome: `registered` of `names` placed in one model."""
+    return skeleton.SkeletonCheck(
+        names=names,
+        pairs=set(),
+        registered=registered,
+        models=1 if registered else 0,
+        points3D=0,
+        pair_stats=stats,
+        camera_id=1,
+        seconds=0.1,
+        stage_seconds={},
+    )
+
+
 def test_skeleton_frames_are_at_most_a_step_apart_where_the_motion_allows():
     motion = np.linspace(0, 4.0, 90)  # 4 image widths over 90 kept frames
     picks = skeleton.positions(motion)
@@ -66,48 +93,20 @@ def test_no_skeleton_where_it_would_not_be_much_smaller_than_the_capture():
     ("registered", "frames", "hopeless"), [(0, 17, True), (4, 17, True), (5, 17, False)]
 )
 def test_hopeless_below_a_quarter_of_the_skeleton(registered, frames, hopeless):
-    stats = PairStats(
-        neighbours=frames - 1,
-        neighbours_verified=1,
-        verified_pairs=1,
-        rotation_only_fraction=0.0,
-        median_features=400,
-    )
-    check = skeleton.SkeletonCheck(
-        names=[f"f{k}" for k in range(frames)],
-        pairs=set(),
-        registered=registered,
-        models=1,
-        points3D=0,
-        pair_stats=stats,
-        camera_id=1,
-        seconds=1.0,
-        stage_seconds={},
-    )
+    stats = stats_of(frames - 1, 1, 1, 400)
+    check = check_of([f"f{k}" for k in range(frames)], registered, stats)
     assert check.hopeless is hopeless
 
 
 def test_the_skeleton_refusal_quotes_what_it_measured():
-    few_pairs = PairStats(
-        neighbours=16,
-        neighbours_verified=1,
-        verified_pairs=1,
-        rotation_only_fraction=0.0,
-        median_features=357,
-    )
+    few_pairs = stats_of(16, 1, 1, 357)
     message = rp.explain_failure(0, 17, 0, few_pairs, skeleton=True)
     found = re.search(r"Only (\d+) of (\d+) frames spread over the video", message)
     assert found and found.groups() == ("0", "17")
     assert "(1 of 16 such pairs matched)" in message
     assert "the subject moves" in message and "Walk slowly" in message
     # Skeleton pairs that match but place no model: the other reason, with its numbers.
-    matched = PairStats(
-        neighbours=16,
-        neighbours_verified=14,
-        verified_pairs=30,
-        rotation_only_fraction=0.0,
-        median_features=900,
-    )
+    matched = stats_of(16, 14, 30, 900)
     message = rp.explain_failure(3, 17, 2, matched, skeleton=True)
     assert message.startswith("Only 3 of 17 frames spread over the video")
     assert "they fall into 2 separate pieces" in message
@@ -131,26 +130,10 @@ def _gate_with(monkeypatch, tmp_path, median_features: int) -> str:
         images=60,
         motion_of={name: 0.05 * k for k, name in enumerate(names)},
     )
-    stats = PairStats(
-        neighbours=11,
-        neighbours_verified=1,
-        verified_pairs=1,
-        rotation_only_fraction=0.0,
-        median_features=median_features,
-    )
+    stats = stats_of(11, 1, 1, median_features)
 
     def fake_run(db, frames_dir, work_dir, names_, picks, size, opts, progress):
-        return skeleton.SkeletonCheck(
-            names=[names_[k] for k in picks],
-            pairs=set(),
-            registered=0,
-            models=0,
-            points3D=0,
-            pair_stats=stats,
-            camera_id=1,
-            seconds=0.1,
-            stage_seconds={},
-        )
+        return check_of([names_[k] for k in picks], 0, stats)
 
     monkeypatch.setattr(skeleton, "run_skeleton", fake_run)
     args = rp.build_parser().parse_args(["--video_path", "v.mp4", "--output_dir", str(tmp_path)])
