@@ -13,7 +13,10 @@ decides whether it passes.
 
 Skeleton neighbours are at most SKELETON_STEP widths apart (three quarters of the picture in
 common), and each is matched with the next three: a still, textured scene filmed by a moving
-camera places them (every rendered orbit and real good capture here places all of them).
+camera places them (the synthetic orbit: 13 of 13 neighbour pairs verified, and all 14 frames
+placed when the mapping was let run to the end; it now stops at a quarter, all the verdict
+needs). The cockatoo sample: 1 of 16 verified, nothing placed. Frames with little texture
+are never refused here (run_pipeline.gate_skeleton): they may match only at full density.
 """
 
 from __future__ import annotations
