@@ -46,7 +46,6 @@ def check_of(names: list[str], registered: int, stats: PairStats) -> skeleton.Sk
         points3D=0,
         pair_stats=stats,
         camera_id=1,
-        seconds=0.1,
         stage_seconds={},
     )
 
