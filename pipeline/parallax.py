@@ -23,6 +23,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 WORK_WIDTH = 640  # frames are scaled to this width for tracking (cheap, enough for the test)
 MAX_CORNERS = 600
@@ -152,6 +153,20 @@ def _load(path: Path, reduce: int = 1) -> np.ndarray:
     image = cv2.imread(str(path), _REDUCED.get(reduce, cv2.IMREAD_GRAYSCALE))
     if image is None:
         raise OSError(f"could not read {path}")
+    return _fit(image)
+
+
+def _width(path: Path) -> int:
+    """A frame's width from its header alone (0 if unreadable: no reduction)."""
+    try:
+        with Image.open(path) as image:
+            return image.width
+    except (OSError, UnidentifiedImageError):
+        return 0
+
+
+def _fit(image: np.ndarray) -> np.ndarray:
+    """A grey frame scaled down to WORK_WIDTH (never up)."""
     if image.shape[1] > WORK_WIDTH:
         height = round(image.shape[0] * WORK_WIDTH / image.shape[1])
         image = cv2.resize(image, (WORK_WIDTH, height), interpolation=cv2.INTER_AREA)
@@ -222,8 +237,7 @@ def check_parallax(paths: list[Path], segments: int = SEGMENTS) -> ParallaxCheck
     count = min(segments, n - 1)
     bounds = np.linspace(0, n - 1, count + 1).round().astype(int)
     cache: dict[int, np.ndarray] = {}
-    first_frame = cv2.imread(str(paths[0]), cv2.IMREAD_GRAYSCALE)
-    reduce = reduction_for(first_frame.shape[1]) if first_frame is not None else 1
+    reduce = reduction_for(_width(paths[0]))
     for first, last in itertools.pairwise(bounds):
         if last <= first:
             continue
