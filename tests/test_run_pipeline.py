@@ -603,10 +603,13 @@ def test_static_camera_video_without_the_skeleton_fails_after_the_reconstruction
     run = run_pipeline(COCKATOO, tmp_path / "out", "--no-early_verdict")
     error = assert_user_error(run, 4, "too_few_registered")
     assert re.search(r"Only \d+ of \d+ frames could be placed", error["message"])
+    assert "camera hardly moves" in error["message"]
+    assert "Walk" in error["message"]
     assert "skeleton of" not in run.stderr
     # One reconstruction, not a second, exhaustive one.
     assert run.stderr.count("] mapping (") == 1, run.stderr
     assert "retrying with exhaustive matching" not in run.stderr
+    assert not (tmp_path / "out" / "images_undistorted").exists()
 
 
 @pytest.mark.slow
